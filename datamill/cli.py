@@ -1,0 +1,162 @@
+"""The `datamill` command. Exit codes: 0 ok, 1 a step failed, 2 bad spec or usage.
+
+User errors print one message per problem and no traceback (`--debug` shows it). Heavy
+libraries are imported inside the commands that need them, so `--help`, `validate` and
+`plan` answer fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from datamill import progress
+from datamill.errors import EXIT_STEP_FAILED, DatamillError
+
+app = typer.Typer(
+    help="datamill: generate, clean, select, fine-tune and evaluate from one YAML spec; everything logged to MLflow.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+_state = {"debug": False}
+
+SpecArg = typer.Argument(..., help="Path to the YAML spec.", show_default=False)
+SetOpt = typer.Option(None, "--set", help="Override a field: --set steps.clean.dedup.exact=false (repeatable).")
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    _state["debug"] = debug
+    progress.set_quiet(quiet)
+
+
+@app.command()
+def validate(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt) -> None:
+    """Check a spec (types, references, files, cycles) without running anything."""
+    from datamill.api import load
+
+    points = load(spec, set_).points()
+    n = len(points)
+    typer.echo(f"{spec}: ok ({n} sweep point{'s' if n != 1 else ''})" if n > 1 or points[0].point else f"{spec}: ok")
+
+
+@app.command()
+def plan(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt) -> None:
+    """Show the steps in order, each cached or to run, with row counts of cached outputs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from datamill.api import plans
+    from datamill.plan import describe
+
+    console = Console()
+    for p in plans(spec, set_):
+        title = f"{p.resolved.spec.name}" + (f"  [{p.resolved.label}]" if p.resolved.label else "")
+        table = Table(title=title, title_justify="left")
+        for col in ("step", "kind", "status", "rows", "reads", "key"):
+            table.add_column(col)
+        for row in describe(p):
+            rows = ", ".join(f"{n}" if t == "main" else f"{t}: {n}" for t, n in row["rows"].items())
+            status = "[green]cached[/green]" if row["status"] == "cached" else "[yellow]to run[/yellow]"
+            table.add_row(row["name"], row["kind"], status, rows, ", ".join(row["deps"]), row["key"])
+        console.print(table)
+    console.print(f"workspace: {p.workspace.root}")
+
+
+@app.command()
+def run(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt) -> None:
+    """Run a spec (every sweep point); steps already in the workspace are reused."""
+    from datamill.api import run as run_spec
+
+    result = run_spec(spec, set_, quiet=progress.is_quiet())
+    console = progress.console()
+    ran = len(result.executed)
+    total = sum(len(p.steps) for p in result.points)
+    note = "everything was cached" if ran == 0 else f"{ran} step{'s' if ran != 1 else ''} ran, {total - ran} cached"
+    console.print(f"[bold green]finished[/bold green]: {note}")
+    console.print(f"tables: datamill sql {spec} \"SELECT * FROM <table>\"   (catalog: {result.workspace.catalog_path})")
+    if result.run_id:
+        console.print(f"MLflow: {result.tracking_location}  run {result.run_id}   open it with: datamill ui {spec}")
+
+
+@app.command()
+def sql(spec: Path = SpecArg, query: str = typer.Argument(..., help="A SELECT over the catalog's tables."),
+        limit: int = typer.Option(50, help="Rows to print."),
+        set_: Optional[List[str]] = SetOpt) -> None:
+    """Query the tables of a spec's workspace with DuckDB SQL."""
+    import polars as pl
+
+    from datamill.api import load
+    from datamill.workspace import Workspace
+
+    ws = Workspace(load(spec, set_).points()[0].workspace_root)
+    df = ws.sql(query)
+    with pl.Config(tbl_rows=limit, fmt_str_lengths=80, tbl_width_chars=160):
+        typer.echo(df.head(limit))
+    if df.height > limit:
+        typer.echo(f"({df.height} rows; showing {limit})")
+
+
+@app.command()
+def ui(spec: Path = SpecArg, port: Optional[int] = typer.Option(None, help="Port (default: a free one)."),
+       set_: Optional[List[str]] = SetOpt) -> None:
+    """Open the MLflow UI for the spec's tracking store on 127.0.0.1 (Ctrl-C stops it)."""
+    from datamill.api import plans
+    from datamill.executor import tracking_target
+
+    uri, artifacts = tracking_target(plans(spec, set_)[0])
+    if uri.startswith("http"):
+        typer.echo(f"this spec logs to a tracking server: open {uri}")
+        return
+    from tracking.ui import serve
+
+    serve(uri, artifacts, port=port)
+
+
+@app.command()
+def schema(output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to a file instead of stdout.")) -> None:
+    """Print the JSON Schema of specs (for editor completion and checks)."""
+    import json
+
+    from datamill.spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if output:
+        output.write_text(text)
+        typer.echo(f"wrote {output}")
+    else:
+        typer.echo(text, nl=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except DatamillError as e:
+        if _state["debug"]:
+            raise
+        from datamill.secrets import scrub
+
+        problems = getattr(e, "problems", None) or [str(e)]
+        for line in problems:
+            print(scrub(f"error: {line}"), file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # a bug in datamill or a library: say so, keep the traceback behind --debug
+        if _state["debug"]:
+            raise
+        from datamill.secrets import scrub
+
+        print(scrub(f"error: {type(e).__name__}: {e}\n(internal error; rerun with --debug for the traceback)"),
+              file=sys.stderr)
+        sys.exit(EXIT_STEP_FAILED)
+
+
+if __name__ == "__main__":
+    main()

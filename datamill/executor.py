@@ -1,0 +1,276 @@
+"""Run plans: each step in order, reused from the cache when its key is there.
+
+A step writes into a temp folder; only when `run` returns is `meta.json` written and the
+folder renamed to its key. A crash or SIGKILL mid-step leaves at most a temp folder, which
+no later run trusts (and the next run deletes). One MLflow run per point; a sweep also
+gets a parent run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from datamill import progress
+from datamill.errors import DatamillError, StepFailed
+from datamill.hashing import hash_file
+from datamill.plan import Plan, PlannedStep
+from datamill.secrets import redact_config, scrub
+from datamill.step import StepContext, write_json_atomic
+from datamill.tracker import NullTracker, StepRecord, TableRecord
+from datamill.workspace import Workspace, model_cache_dir
+
+
+@dataclass
+class PointResult:
+    label: str  # "" without a sweep, else "method=zipfit,budget=200"
+    point: dict
+    run_id: str
+    plan: Plan
+    steps: dict[str, StepRecord] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """What `datamill.run` returns: every point's steps and MLflow run ids."""
+
+    workspace: Workspace
+    run_id: str  # the run (no sweep) or the sweep's parent run
+    points: list[PointResult]
+    executed: list[str] = field(default_factory=list)  # "<step name>@<key>" of steps that ran (not cached)
+    tracking_location: str = ""
+
+    def table(self, name: str, point: int = -1):
+        """A table of one point (default: the last) as a Polars DataFrame."""
+        import polars as pl
+
+        from datamill.spec import table_base
+
+        plan = self.points[point].plan
+        base = table_base(name)
+        side = name[len(base) + 2:] or "main"
+        return pl.read_parquet(self.workspace.table_path(plan.by_name(base).key, side))
+
+    @property
+    def tables(self) -> dict[str, Path]:
+        """Catalog name -> parquet path for the last point."""
+        return _views(self.points[-1].plan)
+
+
+def tracking_target(plan: Plan) -> tuple[str, Path]:
+    """(tracking URI, local artifact root): the spec's, else $MLFLOW_TRACKING_URI, else a
+    sqlite store next to the workspace."""
+    import os
+
+    root = plan.workspace.root.parent
+    uri = plan.resolved.spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    return uri, root / "mlartifacts"
+
+
+def make_tracker(plan: Plan):
+    if not plan.resolved.spec.tracking.enabled:
+        return NullTracker()
+    from datamill.registry import tracker_class
+
+    return tracker_class("mlflow")(*tracking_target(plan))
+
+
+def execute(plans: list[Plan], tracker=None) -> RunResult:
+    first = plans[0]
+    workspace = first.workspace
+    tracker = tracker or make_tracker(first)
+    spec = first.resolved.spec
+    experiment = spec.tracking.experiment or spec.name
+    lock = workspace.lock()
+    workspace.clean_tmp()
+    result = RunResult(workspace=workspace, run_id="", points=[], tracking_location=tracker.location())
+    sweep = len(plans) > 1 or bool(first.resolved.point)
+    parent = None
+    try:
+        if sweep:
+            parent = tracker.start_run(
+                experiment=experiment, run_name=f"{spec.name} (sweep of {len(plans)})", parent_run_id=None,
+                params=_params(first, sweep=True), tags=_tags(first, role="sweep"), spec_yaml=_spec_yaml(first))
+            result.run_id = parent
+        for plan in plans:
+            result.points.append(_run_point(plan, tracker, experiment, parent, result))
+            if not result.run_id:
+                result.run_id = result.points[-1].run_id
+            workspace.register(_views(plan))
+        if parent:
+            tracker.end_run(parent, "FINISHED")
+    except BaseException as e:
+        if parent:
+            tracker.end_run(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        lock.close()
+    return result
+
+
+def _run_point(plan: Plan, tracker, experiment: str, parent: str | None, result: RunResult) -> PointResult:
+    resolved = plan.resolved
+    name = resolved.label or resolved.spec.name
+    run_id = tracker.start_run(
+        experiment=experiment, run_name=name, parent_run_id=parent, params=_params(plan),
+        tags=_tags(plan, role="point" if parent else "run"), spec_yaml=_spec_yaml(plan))
+    point = PointResult(label=resolved.label, point=resolved.point, run_id=run_id, plan=plan)
+    if resolved.label:
+        progress.console().print(f"[bold]point {resolved.label}[/bold]")
+    try:
+        for ps in plan.steps:
+            record = _run_step(plan, ps, tracker, run_id)
+            point.steps[ps.name] = record
+            if not record.cached:
+                result.executed.append(f"{ps.name}@{ps.key}")
+            tracker.log_step(run_id, record)
+    except BaseException as e:
+        tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.end_run(run_id, "FINISHED")
+    return point
+
+
+def _run_step(plan: Plan, ps: PlannedStep, tracker, run_id: str) -> StepRecord:
+    ws = plan.workspace
+    console = progress.console()
+    if ws.is_cached(ps.key):
+        meta = ws.meta(ps.key)
+        console.print(f"  [dim]cached[/dim]  {ps.name} ({ps.kind}){_rows_note(meta['stats'])}")
+        return _record(ws, ps, cached=True, seconds=meta.get("seconds", 0.0), stats=meta["stats"])
+
+    console.print(f"  [cyan]running[/cyan] {ps.name} ({ps.kind})")
+    tmp = ws.new_tmp_dir(ps.key)
+    ctx = StepContext(
+        name=ps.name, kind=ps.kind, key=ps.key, out_dir=tmp, state_dir=ws.state_dir(ps.key),
+        env=plan.resolved.env, input_paths=_input_paths(plan, ps), model_paths=_model_paths(plan, ps),
+        tracker_log=lambda metrics, step=None: tracker.log_metrics(run_id, metrics, step),
+    )
+    start = time.monotonic()
+    try:
+        ps.step.run(ctx)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        raise StepFailed(ps.name, ps.kind, e) from e
+    seconds = time.monotonic() - start
+    if not (tmp / "tables" / "main.parquet").exists() and not (tmp / "model").exists():
+        raise StepFailed(ps.name, ps.kind, RuntimeError("the step wrote no output table or model"))
+    write_json_atomic(tmp / "meta.json", {
+        "name": ps.name, "kind": ps.kind, "key": ps.key, "version": ps.step.version,
+        "config": redact_config(ps.step.config.model_dump(mode="json")),
+        "inputs": ps.tables_in, "models": ps.models, "stats": ctx.stats, "seconds": round(seconds, 3),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    ws.commit(ps.key, tmp)
+    console.print(f"  [green]done[/green]    {ps.name} ({ps.kind}) in {seconds:.1f}s{_rows_note(ctx.stats)}")
+    return _record(ws, ps, cached=False, seconds=seconds, stats=ctx.stats)
+
+
+def _rows_note(stats: dict) -> str:
+    rows = stats.get("rows", {})
+    if not rows:
+        return ""
+    parts = [f"{rows['main']} rows"] if "main" in rows else []
+    parts += [f"{n} {t}" for t, n in rows.items() if t != "main"]
+    return ": " + ", ".join(parts)
+
+
+def _record(ws: Workspace, ps: PlannedStep, cached: bool, seconds: float, stats: dict) -> StepRecord:
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path in sorted((ws.step_dir(ps.key) / "tables").glob("*.parquet")):
+        name = ps.name if path.stem == "main" else f"{ps.name}__{path.stem}"
+        meta = pq.read_metadata(path)
+        schema = {f.name: str(f.type) for f in meta.schema.to_arrow_schema()}
+        tables.append(TableRecord(name=name, path=path, rows=meta.num_rows, digest=hash_file(path)[:32], schema=schema))
+    model = ws.step_dir(ps.key) / "model"
+    return StepRecord(name=ps.name, kind=ps.kind, key=ps.key, cached=cached, seconds=seconds, stats=stats,
+                      tables=tables, model_dir=model if model.exists() else None)
+
+
+def _input_paths(plan: Plan, ps: PlannedStep) -> dict[str, Path]:
+    paths = {}
+    for table, ref in ps.tables_in.items():
+        key, _, side = ref.partition(":")
+        path = plan.workspace.table_path(key, side)
+        if not path.exists():
+            raise StepFailed(ps.name, ps.kind, DatamillError(f"input table '{table}' does not exist"))
+        paths[table] = path
+    return paths
+
+
+def _model_paths(plan: Plan, ps: PlannedStep) -> dict:
+    from datamill import models as model_refs
+
+    spec, env = plan.resolved.spec, plan.resolved.env
+    cache = model_cache_dir(plan.workspace.root)
+    out = {}
+    for ref in ps.models:
+        if ref in spec.models:
+            target = spec.models[ref]
+            out[ref] = lambda t=target: model_refs.resolve_model(t, base_dir=env.base_dir, cache_dir=cache)
+        elif ref in {s.name for s in plan.steps}:
+            out[ref] = lambda r=ref: plan.workspace.step_dir(plan.by_name(r).key) / "model"
+        else:
+            out[ref] = lambda t=ref: model_refs.resolve_model(t, base_dir=env.base_dir, cache_dir=cache)
+    return out
+
+
+def _views(plan: Plan) -> dict[str, Path]:
+    views = {}
+    for ps in plan.steps:
+        tables_dir = plan.workspace.step_dir(ps.key) / "tables"
+        for path in sorted(tables_dir.glob("*.parquet")):
+            views[ps.name if path.stem == "main" else f"{ps.name}__{path.stem}"] = path
+    return views
+
+
+# --------------------------------------------------------------------------- what MLflow gets
+
+
+def _dump(plan: Plan) -> dict:
+    return redact_config(plan.resolved.spec.model_dump(mode="json", exclude_none=True))
+
+
+def _params(plan: Plan, sweep: bool = False) -> dict:
+    params = _dump(plan)
+    params.pop("sweep", None)
+    if sweep:
+        params["sweep"] = redact_config(plan.resolved.raw.get("sweep") or {})
+    else:
+        params.update({f"point.{k}": v for k, v in plan.resolved.point.items()})
+    return params
+
+
+def _spec_yaml(plan: Plan) -> str:
+    import yaml
+
+    return scrub(yaml.safe_dump(_dump(plan), sort_keys=False, allow_unicode=True))
+
+
+def _tags(plan: Plan, role: str) -> dict[str, str]:
+    from datamill import __version__
+
+    tags = {"datamill.spec": plan.resolved.spec.name, "datamill.version": __version__, "datamill.role": role,
+            "datamill.spec_file": str(plan.resolved.path.resolve()), "datamill.workspace": str(plan.workspace.root)}
+    if plan.resolved.label:
+        tags["datamill.point"] = plan.resolved.label
+    if plan.resolved.spec.description:
+        tags["mlflow.note.content"] = plan.resolved.spec.description
+    commit = _git_commit(plan.resolved.env.base_dir)
+    if commit:
+        tags["datamill.git_commit"] = commit
+    return tags
+
+
+def _git_commit(folder: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None

@@ -1,0 +1,110 @@
+"""Progress reporting for every loop that may take more than a second.
+
+On a terminal: a rich progress bar with rate and ETA. Not a terminal (CI logs, pipes):
+a plain line every 10 seconds and one at the end. `--quiet`: nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def is_quiet() -> bool:
+    return _quiet
+
+
+def console():
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=_quiet, highlight=False)
+
+
+class _PlainBar:
+    """Progress as occasional log lines, for non-interactive output."""
+
+    def __init__(self, desc: str, total: int | None, unit: str, every_s: float = 10.0):
+        self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        rate = self.done / max(now - self.start, 1e-9)
+        of = f"/{self.total}" if self.total is not None else ""
+        print(f"  {self.desc}: {self.done}{of} {self.unit} ({rate:.1f} {self.unit}/s)", file=sys.stderr)
+
+    def close(self) -> None:
+        if time.monotonic() - self.start >= 1.0:
+            self._line(time.monotonic())
+
+
+class _RichBar:
+    def __init__(self, desc: str, total: int | None, unit: str):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.progress = Progress(
+            TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=console(), transient=False,
+        )
+        self.unit = unit
+        self.start = time.monotonic()
+        self.task = self.progress.add_task(desc, total=total, rate="")
+        self.progress.start()
+
+    def advance(self, n: int = 1) -> None:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        done = self.progress.tasks[0].completed + n
+        self.progress.update(self.task, advance=n, rate=f"{done / elapsed:.1f} {self.unit}/s")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class _NullBar:
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@contextmanager
+def bar(desc: str, total: int | None = None, unit: str = "rows"):
+    """`with bar("dedup", total=n) as b: ... b.advance()`."""
+    if _quiet:
+        b = _NullBar()
+    elif sys.stderr.isatty():
+        b = _RichBar(desc, total, unit)
+    else:
+        b = _PlainBar(desc, total, unit)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def track(iterable, desc: str, total: int | None = None, unit: str = "rows"):
+    """Iterate with a progress bar."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    with bar(desc, total, unit) as b:
+        for item in iterable:
+            yield item
+            b.advance()

@@ -1,0 +1,486 @@
+"""The spec: pydantic models, loading with --set overrides, and whole-spec checks.
+
+    load_spec(path, overrides)  -> LoadedSpec  (raw YAML + where each value came from)
+    loaded.points()             -> one ResolvedSpec per sweep point (one when no sweep)
+
+Every problem becomes one line `file:line:col: dotted.path: what was expected, what was
+found`, collected into a SpecError (exit code 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import product
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from datamill import registry
+from datamill.errors import FieldError, ModelError, SpecError, did_you_mean
+from datamill.step import Env, Step
+from datamill.yaml_source import YamlDoc, load_yaml
+
+NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class TrackingConfig(Strict):
+    """Where runs are logged (MLflow)."""
+
+    enabled: bool = True
+    """Log runs to MLflow. Off: the pipeline still runs and caches, nothing is logged."""
+    uri: Optional[str] = None
+    """MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<workspace parent>/mlflow.db."""
+    experiment: Optional[str] = None
+    """MLflow experiment name. Default: the spec name."""
+
+
+def _step_entry_model():
+    """A model with one optional field per registered step kind; exactly one must be set."""
+    kinds = registry.step_kinds()
+    fields = {}
+    for kind in kinds:
+        cls = registry.step_class(kind)
+        doc = (cls.__doc__ or "").strip().splitlines()
+        fields[kind] = (Optional[cls.Config], Field(None, description=doc[0] if doc else None))
+
+    def exactly_one_kind(self):
+        chosen = [k for k in kinds if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            found = ", ".join(chosen) if chosen else "none"
+            raise ValueError(f"a step needs exactly one kind (one of: {', '.join(kinds)}); found {found}")
+        return self
+
+    return create_model(
+        "StepEntry",
+        __config__=ConfigDict(extra="forbid"),
+        __doc__="One step: a single key naming its kind, e.g. `sql: \"SELECT ...\"` or `dedup: {input: pool}`.",
+        __validators__={"_one_kind": model_validator(mode="after")(exactly_one_kind)},
+        **fields,
+    )
+
+
+def spec_model() -> type[BaseModel]:
+    """The Spec model, built from the registry (so plugins' step kinds are part of it)."""
+    return _spec_model(tuple(registry.step_kinds()))
+
+
+@lru_cache(maxsize=4)
+def _spec_model(kinds: tuple[str, ...]) -> type[BaseModel]:
+    source_config = registry.step_class("source").Config
+    step_entry = _step_entry_model()
+
+    class Spec(Strict):
+        """A datamill spec: tables in, steps that make new tables and models, where to log."""
+
+        name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+        """Name of the experiment; also the workspace folder and the MLflow experiment."""
+        description: Optional[str] = None
+        """Free text shown in MLflow."""
+        workspace: Optional[str] = None
+        """Folder for the step cache and catalog. Default: .datamill/<name> next to the spec."""
+        models: dict[str, str] = {}
+        """Model names used by steps -> reference: builtin:smollm2-135m-instruct, builtin:tiny-llama, a local HF folder, or a hub id."""
+        sources: dict[str, source_config] = {}  # type: ignore[valid-type]
+        """Input tables by name: {path: data.jsonl} or {hf: dataset/name}."""
+        steps: dict[str, step_entry] = {}  # type: ignore[valid-type]
+        """Steps by name; each names its kind (sql, polars, dedup, ...) and reads earlier tables by name."""
+        tracking: TrackingConfig = TrackingConfig()
+        """MLflow settings."""
+        sweep: Optional[dict[str, Any]] = None
+        """Dotted field paths -> lists of values: one run per combination (grid), or paired with `mode: zip`."""
+
+    return Spec
+
+
+def json_schema() -> dict:
+    schema = spec_model().model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "datamill spec"
+    return schema
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Override:
+    path: tuple
+    raw: str  # as typed after '='
+    origin: str  # "--set a.b=1" or "sweep a.b"
+
+
+@dataclass
+class ResolvedSpec:
+    """A validated spec for one sweep point."""
+
+    spec: Any  # the Spec model instance
+    raw: dict  # the data it was validated from (after overrides)
+    path: Path
+    env: Env
+    point: dict[str, Any] = field(default_factory=dict)  # sweep path -> value
+    label: str = ""
+
+    @property
+    def workspace_root(self) -> Path:
+        ws = self.spec.workspace or f".datamill/{self.spec.name}"
+        return (self.env.base_dir / ws).resolve()
+
+    def step_objects(self) -> dict[str, Step]:
+        """Every source and step as a Step instance, by name."""
+        out: dict[str, Step] = {}
+        source_cls = registry.step_class("source")
+        for name, cfg in self.spec.sources.items():
+            out[name] = source_cls(name, cfg)
+        for name, entry in self.spec.steps.items():
+            kind, cfg = _kind_of(entry)
+            out[name] = registry.step_class(kind)(name, cfg)
+        return out
+
+
+@dataclass
+class LoadedSpec:
+    doc: YamlDoc
+    path: Path
+    overrides: list[Override]
+
+    def sweep_points(self) -> list[dict[str, Any]]:
+        """The sweep's points as {dotted path: value}; [{}] when there is no sweep."""
+        sweep = _apply(self.doc.data, self.overrides).get("sweep") if isinstance(self.doc.data, dict) else None
+        if not sweep:
+            return [{}]
+        if not isinstance(sweep, dict):
+            raise SpecError(f"{self.doc.where(('sweep',))}: sweep: expected a mapping of dotted paths to lists")
+        sweep = dict(sweep)
+        mode = sweep.pop("mode", "grid")
+        problems = []
+        if mode not in ("grid", "zip"):
+            problems.append(f"{self.doc.where(('sweep', 'mode'))}: sweep.mode: expected 'grid' or 'zip', found {mode!r}")
+        for key, values in sweep.items():
+            if not isinstance(values, list) or not values:
+                problems.append(f"{self.doc.where(('sweep', key))}: sweep.{key}: expected a non-empty list of values, found {values!r}")
+            elif str(key).split(".")[0] in ("sweep", "name", "workspace", "tracking"):
+                problems.append(f"{self.doc.where(('sweep', key))}: sweep.{key}: cannot sweep over '{str(key).split('.')[0]}'")
+        if not problems and mode == "zip" and len({len(v) for v in sweep.values()}) > 1:
+            lengths = ", ".join(f"{k}: {len(v)}" for k, v in sweep.items())
+            problems.append(f"{self.doc.where(('sweep',))}: sweep: mode zip needs lists of equal length; found {lengths}")
+        if problems:
+            raise SpecError(problems)
+        keys = list(sweep)
+        combos = zip(*sweep.values()) if mode == "zip" else product(*sweep.values())
+        return [dict(zip(keys, combo)) for combo in combos]
+
+    def points(self) -> list[ResolvedSpec]:
+        resolved = []
+        for point in self.sweep_points():
+            sweep_overrides = [Override(tuple(str(k).split(".")), v, f"sweep {k}") for k, v in point.items()]
+            resolved.append(self._resolve(self.overrides + sweep_overrides, point))
+        return resolved
+
+    def _resolve(self, overrides: list[Override], point: dict) -> ResolvedSpec:
+        data = _apply(self.doc.data, overrides)
+        if not isinstance(data, dict):
+            raise SpecError(f"{self.doc.file}: expected a mapping at the top level, found {type(data).__name__}")
+        model = spec_model()
+        try:
+            spec = model.model_validate(data)
+        except ValidationError as e:
+            # A --set value typed like a number but meant as text: retry those as strings.
+            retry = [o for o in overrides if _override_failed_as_typed(o, e)]
+            if not retry:
+                raise SpecError(_format_validation(e, self.doc, overrides, model)) from None
+            overrides = [Override(o.path, str(o.raw), o.origin) if o in retry else o for o in overrides]
+            data = _apply(self.doc.data, overrides, typed=lambda o: o not in retry)
+            try:
+                spec = model.model_validate(data)
+            except ValidationError as e2:
+                raise SpecError(_format_validation(e2, self.doc, overrides, model)) from None
+        env = Env(base_dir=self.path.parent.resolve())
+        label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
+        resolved = ResolvedSpec(spec=spec, raw=data, path=self.path, env=env, point=point, label=label)
+        check_references(resolved, self.doc, overrides)
+        return resolved
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> LoadedSpec:
+    """Read a spec file and parse `--set a.b.c=value` overrides (applied when resolving)."""
+    path = Path(path)
+    return LoadedSpec(doc=load_yaml(path), path=path, overrides=parse_overrides(overrides or []))
+
+
+def parse_overrides(items: list[str]) -> list[Override]:
+    parsed = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set {item}: expected PATH=VALUE, e.g. steps.clean.dedup.exact=false")
+        parsed.append(Override(tuple(key.strip().split(".")), value, f"--set {key.strip()}"))
+    return parsed
+
+
+def _typed(raw):
+    if not isinstance(raw, str):
+        return raw  # sweep values are already typed by YAML
+    try:
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
+
+
+def _apply(data, overrides: list[Override], typed=lambda o: True):
+    data = copy.deepcopy(data)
+    for o in overrides:
+        value = _typed(o.raw) if typed(o) else o.raw
+        node = data
+        for i, part in enumerate(o.path[:-1]):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise SpecError(f"{o.origin}: cannot set '{'.'.join(o.path)}': "
+                                f"'{'.'.join(o.path[:i])}' is not a mapping")
+            if not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+        last = o.path[-1]
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise SpecError(f"{o.origin}: cannot set '{'.'.join(o.path)}': its parent is not a mapping")
+    return data
+
+
+def _override_failed_as_typed(o: Override, error: ValidationError) -> bool:
+    if not isinstance(o.raw, str) or _typed(o.raw) == o.raw:
+        return False
+    return any(tuple(map(str, err["loc"])) == o.path and err["type"].endswith("_type") for err in error.errors())
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _format_validation(error: ValidationError, doc: YamlDoc, overrides: list[Override], model) -> list[str]:
+    problems = []
+    for err in error.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(map(str, loc)) or "(top level)"
+        kind = err["type"]
+        found = err.get("input")
+        if kind == "extra_forbidden":
+            valid = _valid_keys(model, loc[:-1])
+            msg = f"unknown key '{loc[-1]}'{did_you_mean(loc[-1], valid)}"
+            if valid and not did_you_mean(loc[-1], valid):
+                msg += f" (valid keys: {', '.join(valid)})"
+        elif kind == "missing":
+            msg = f"missing required field '{loc[-1]}'"
+        else:
+            text = err["msg"]
+            text = text[len("Value error, "):] if text.startswith("Value error, ") else text
+            expected = text[len("Input should be "):] if text.startswith("Input should be ") else text
+            if text.startswith("Input should be "):
+                msg = f"expected {expected}, found {_show(found)}"
+            elif text.startswith("String should match pattern"):
+                msg = f"{text}; found {_show(found)}"
+            else:
+                msg = text
+        problems.append(f"{_where(loc, doc, overrides)}: {dotted}: {msg}")
+    return problems
+
+
+def _show(value) -> str:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _where(loc: tuple, doc: YamlDoc, overrides: list[Override]) -> str:
+    loc_s = tuple(map(str, loc))
+    for o in reversed(overrides):  # the value came from --set or the sweep, not the file
+        if loc_s[: len(o.path)] == o.path:
+            if o.origin.startswith("sweep "):
+                return f"{doc.where(('sweep', o.origin[len('sweep '):]))} ({o.origin}={o.raw!r})"
+            return o.origin
+    return doc.where(loc)
+
+
+def _valid_keys(model, loc: tuple) -> list[str]:
+    """Field names of the model found at `loc` (for 'did you mean')."""
+    import typing
+
+    ann: Any = model
+    for part in loc:
+        ann = _unwrap(ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            info = ann.model_fields.get(str(part))
+            if info is None:
+                return []
+            ann = info.annotation
+        elif typing.get_origin(ann) is dict:
+            ann = typing.get_args(ann)[1]
+        elif typing.get_origin(ann) is list:
+            ann = typing.get_args(ann)[0]
+        else:
+            return []
+    ann = _unwrap(ann)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return list(ann.model_fields)
+    return []
+
+
+def _unwrap(ann):
+    import typing
+
+    if typing.get_origin(ann) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in typing.get_args(ann):
+            if arg is not type(None):
+                return arg
+    return ann
+
+
+# --------------------------------------------------------------------------- whole-spec checks
+
+
+def _kind_of(entry) -> tuple[str, Any]:
+    for kind in type(entry).model_fields:
+        cfg = getattr(entry, kind)
+        if cfg is not None:
+            return kind, cfg
+    raise AssertionError("validated StepEntry has no kind")
+
+
+def table_base(name: str) -> str:
+    """'clean__removed' -> 'clean' (side tables belong to their step)."""
+    return name.split("__", 1)[0]
+
+
+def check_references(resolved: ResolvedSpec, doc: YamlDoc, overrides: list[Override]) -> None:
+    """Names, table and model references, files, and cycles; all problems at once."""
+    from datamill import models as model_refs
+
+    spec, env = resolved.spec, resolved.env
+    problems: list[str] = []
+
+    def report(loc: tuple, message: str) -> None:
+        problems.append(f"{_where(loc, doc, overrides)}: {'.'.join(map(str, loc))}: {message}")
+
+    def prefix(name: str) -> tuple:
+        if name in spec.sources:
+            return ("sources", name)
+        return ("steps", name, _kind_of(spec.steps[name])[0])
+
+    for section in ("sources", "steps"):
+        for name in getattr(spec, section):
+            if not NAME_PATTERN.match(name) or "__" in name:
+                report((section, name), f"invalid name '{name}': use letters, digits and single underscores "
+                                        "(it becomes a SQL table name; '__' is reserved for side tables)")
+    for name in spec.steps:
+        if name in spec.sources:
+            report(("steps", name), f"duplicate name '{name}': already defined under sources")
+
+    steps = resolved.step_objects()
+    for ref_name, ref in spec.models.items():
+        try:
+            model_refs.check_reference(ref, env.base_dir)
+        except ModelError as e:
+            report(("models", ref_name), str(e))
+
+    graph: dict[str, list[str]] = {}
+    for name, step in steps.items():
+        where = prefix(name)
+        try:
+            step.check(env)
+        except FieldError as e:
+            report(where + e.loc, e.message)
+        deps = []
+        for field_loc, table in step.input_tables():
+            base = table_base(table)
+            if base not in steps:
+                report(where + tuple(field_loc), f"undefined table '{table}'{did_you_mean(table, steps)}"
+                       f" (defined: {', '.join(steps) or 'none'})")
+            else:
+                deps.append(base)
+        for field_loc, ref in step.model_refs():
+            if ref in spec.models:
+                continue
+            if ref in steps:
+                if not steps[ref].produces_model:
+                    report(where + tuple(field_loc), f"'{ref}' is a {steps[ref].kind} step, which produces no model")
+                else:
+                    deps.append(ref)
+                continue
+            if not _looks_like_reference(ref):
+                known = list(spec.models) + [n for n, s in steps.items() if s.produces_model]
+                report(where + tuple(field_loc), f"undefined model '{ref}'{did_you_mean(ref, known)}"
+                       f" (models: {', '.join(known) or 'none'}; or write a reference like builtin:tiny-llama)")
+                continue
+            try:
+                model_refs.check_reference(ref, env.base_dir)
+            except ModelError as e:
+                report(where + tuple(field_loc), str(e))
+        graph[name] = deps
+
+    cycle = find_cycle(graph)
+    if cycle:
+        report(prefix(cycle[0]), "steps form a cycle: " + " -> ".join(cycle))
+    if problems:
+        raise SpecError(problems)
+
+
+def _looks_like_reference(ref: str) -> bool:
+    return ref.startswith(("builtin:", ".", "/", "~")) or "/" in ref
+
+
+def find_cycle(graph: dict[str, list[str]]) -> list[str] | None:
+    """A cycle as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str):
+        state[node] = 1
+        path.append(node)
+        for dep in graph.get(node, []):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in graph:
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def topo_order(graph: dict[str, list[str]]) -> list[str]:
+    """Dependencies first; ties keep the spec's order."""
+    order: list[str] = []
+    done: set[str] = set()
+
+    def visit(node: str) -> None:
+        if node in done:
+            return
+        done.add(node)
+        for dep in graph.get(node, []):
+            visit(dep)
+        order.append(node)
+
+    for node in graph:
+        visit(node)
+    return order

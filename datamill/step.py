@@ -1,0 +1,152 @@
+"""The step interface: what a step kind declares and what it gets when it runs.
+
+A step kind is a small class (after datatrove's PipelineStep): a pydantic `Config`, the
+tables/models/files it reads, and one `run(ctx)`. Core steps live in `datamill/steps/`;
+stage packages register theirs through the `datamill.steps` entry-point group
+(see `datamill/registry.py`). Heavy imports (torch, transformers) belong inside `run`,
+never at module import: the spec is validated and planned without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+
+class StepConfig(BaseModel):
+    """Base for step configs: unknown keys are errors, and an optional shorthand lets a
+    plain scalar stand for one field (`sql: "SELECT ..."` means `sql: {query: "SELECT ..."}`)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    __shorthand__: ClassVar[str | None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_shorthand(cls, data):
+        if cls.__shorthand__ and not isinstance(data, dict):
+            return {cls.__shorthand__: data}
+        return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        schema = handler(core_schema)
+        if cls.__shorthand__:
+            full = handler.resolve_ref_schema(schema)
+            short = dict(full.get("properties", {}).get(cls.__shorthand__, {}))
+            short.pop("default", None)
+            obj = {k: v for k, v in full.items() if k not in ("description",)}
+            desc = full.get("description")
+            full.clear()
+            full["anyOf"] = [short, obj]
+            if desc:
+                full["description"] = desc
+        return schema
+
+
+@dataclass
+class Env:
+    """What a step may consult while being checked and keyed (no heavy imports, no I/O beyond stat/hash)."""
+
+    base_dir: Path  # folder of the spec file: relative paths resolve here
+
+
+class Step:
+    """One step kind. Subclasses set `kind`, `Config`, `version` and implement `run`."""
+
+    kind: ClassVar[str]
+    Config: ClassVar[type[StepConfig]]
+    version: ClassVar[str] = "1"  # bump when the output for the same config changes
+    produces_model: ClassVar[bool] = False  # its output folder holds an HF model under model/
+
+    def __init__(self, name: str, config: StepConfig):
+        self.name = name
+        self.config = config
+
+    # --- what the step reads (used for validation, the DAG and the cache key) ---
+    def input_tables(self) -> list[tuple[tuple, str]]:
+        """(field path within the config, table name) for every table this step reads."""
+        return []
+
+    def model_refs(self) -> list[tuple[tuple, str]]:
+        """(field path, model reference or name) for every model this step uses."""
+        return []
+
+    def check(self, env: Env) -> None:
+        """Extra validation beyond the pydantic model; raise `FieldError(field, message)`."""
+
+    def key_material(self, env: Env) -> dict:
+        """Anything beyond config and inputs that decides the output (e.g. a file's hash)."""
+        return {}
+
+    def run(self, ctx: "StepContext") -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class StepContext:
+    """Everything a running step needs. Outputs go to `out_dir` (a temp folder renamed into
+    the cache when the step succeeds); `state_dir` survives an interrupted attempt so long
+    steps can resume."""
+
+    name: str
+    kind: str
+    key: str
+    out_dir: Path
+    state_dir: Path
+    env: Env
+    input_paths: dict[str, Path]  # table name -> parquet file
+    model_paths: dict[str, Any]  # model reference -> callable returning an HF folder Path
+    tracker_log: Any = None  # callable(metrics: dict, step: int | None)
+    stats: dict = field(default_factory=dict)  # counts etc.; saved in meta.json and logged
+
+    # --- inputs ---
+    def read(self, table: str):
+        """An input table as a Polars DataFrame."""
+        import polars as pl
+
+        return pl.read_parquet(self.input_paths[table])
+
+    def input_path(self, table: str) -> Path:
+        return self.input_paths[table]
+
+    def model_path(self, ref: str) -> Path:
+        """Resolve a model reference (as written in the config) to a local HF folder."""
+        return self.model_paths[ref]()
+
+    # --- outputs ---
+    def table_path(self, table: str = "main") -> Path:
+        path = self.out_dir / "tables" / f"{table}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def write(self, df, table: str = "main") -> None:
+        """Write a Polars DataFrame as this step's main table or a named side table
+        (`rejected`, `removed`, `scores`, ...), which appears in the catalog as `<step>__<table>`."""
+        df.write_parquet(self.table_path(table))
+        self.stats.setdefault("rows", {})[table] = df.height
+
+    def reject(self, df) -> None:
+        """Write rows that failed parsing/validation; `df` must have a `reason` column."""
+        if "reason" not in df.columns:
+            raise ValueError("rejected rows need a 'reason' column")
+        self.write(df, "rejected")
+
+    @property
+    def model_dir(self) -> Path:
+        """Where a step that produces a model saves it (HF `save_pretrained` folder)."""
+        return self.out_dir / "model"
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if self.tracker_log is not None:
+            self.tracker_log({f"{self.name}.{k}": v for k, v in metrics.items()}, step)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)

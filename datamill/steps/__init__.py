@@ -1,0 +1,1 @@
+"""Core step kinds: source, sql, polars, dedup (see datamill/registry.py)."""

@@ -1,0 +1,75 @@
+"""What the executor tells an experiment tracker. `tracking/` implements it with MLflow;
+core never imports mlflow. `NullTracker` is used when `tracking.enabled: false`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass
+class TableRecord:
+    """One output table of a step, described without its rows."""
+
+    name: str  # catalog name, e.g. "clean" or "clean__removed"
+    path: Path  # parquet file
+    rows: int
+    digest: str  # content hash of the parquet file
+    schema: dict[str, str]  # column -> type (Arrow type as text)
+
+
+@dataclass
+class StepRecord:
+    """What happened to one step in a run."""
+
+    name: str
+    kind: str
+    key: str
+    cached: bool
+    seconds: float
+    stats: dict
+    tables: list[TableRecord] = field(default_factory=list)
+    model_dir: Path | None = None
+
+
+class Tracker(Protocol):
+    def start_run(self, *, experiment: str, run_name: str, parent_run_id: str | None,
+                  params: dict, tags: dict[str, str], spec_yaml: str) -> str:
+        """Open a run; `params` is the (already redacted) resolved spec as nested dicts plus
+        the sweep point's values; `spec_yaml` is the redacted resolved spec. Returns its id."""
+
+    def log_step(self, run_id: str, step: StepRecord) -> None:
+        """Log a step's tables as dataset inputs, its stats as metrics/tags."""
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """status: FINISHED or FAILED."""
+
+    def location(self) -> str:
+        """Where results can be browsed (tracking URI), for the final message."""
+
+
+class NullTracker:
+    """Tracking disabled: every call is a no-op; run ids are empty strings."""
+
+    def start_run(self, **kwargs) -> str:
+        return ""
+
+    def log_step(self, run_id, step) -> None:
+        pass
+
+    def log_metrics(self, run_id, metrics, step=None) -> None:
+        pass
+
+    def log_artifact(self, run_id, path, artifact_path=None) -> None:
+        pass
+
+    def end_run(self, run_id, status="FINISHED") -> None:
+        pass
+
+    def location(self) -> str:
+        return "(tracking disabled)"

@@ -1,0 +1,41 @@
+"""Shared fixtures: offline settings, a `counter` step kind that records each execution."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    """write_spec(text, name="spec.yaml") -> path of a spec file in a fresh folder, with
+    examples/data copied next to it as data/."""
+    import shutil
+
+    shutil.copytree(EXAMPLES / "data", tmp_path / "data", dirs_exist_ok=True)
+
+    def write(text: str, name: str = "spec.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def _quiet_progress():
+    from datamill import progress
+
+    progress.set_quiet(True)
+    yield
+    progress.set_quiet(False)
+
+
+import plugin_steps  # noqa: E402,F401  (registers the test step kinds)

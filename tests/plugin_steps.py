@@ -1,0 +1,84 @@
+"""Step kinds used only by tests, registered the way a plugin would register its own."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from datamill.registry import register_step
+from datamill.secrets import read_secret_env
+from datamill.step import Step, StepConfig
+
+
+class EmitConfig(StepConfig):
+    n: int = 3
+    """How many rows to write."""
+    label: str = "x"
+    api_key_env: Optional[str] = None
+    """Env var holding a key; read at run time."""
+    token: Optional[str] = None
+    """A literal secret-looking field (must never be logged)."""
+
+
+@register_step
+class EmitStep(Step):
+    """Write n rows (tests)."""
+
+    kind = "emit"
+    Config = EmitConfig
+
+    def run(self, ctx) -> None:
+        import polars as pl
+
+        secret = read_secret_env(self.config.api_key_env) if self.config.api_key_env else ""
+        ctx.write(pl.DataFrame({"i": list(range(self.config.n)), "label": self.config.label}))
+        ctx.stats["used_key"] = bool(secret)
+        ctx.log_metrics({"emitted": self.config.n})
+
+
+class ExplodeConfig(StepConfig):
+    input: str
+    after_rows: int = 1
+
+
+@register_step
+class ExplodeStep(Step):
+    """Write part of a table, then fail (tests)."""
+
+    kind = "explode"
+    Config = ExplodeConfig
+
+    def input_tables(self):
+        return [(("input",), self.config.input)]
+
+    def run(self, ctx) -> None:
+        df = ctx.read(self.config.input)
+        ctx.write(df.head(self.config.after_rows))
+        if not os.environ.get("DATAMILL_TEST_DEFUSE"):
+            raise RuntimeError("boom after a partial write")
+
+
+class SleepyConfig(StepConfig):
+    input: str
+    marker: str
+    """A file touched when the step starts (the test kills the process then)."""
+    seconds: float = 30
+
+
+@register_step
+class SleepyStep(Step):
+    """Start writing, signal, then sleep until killed (tests)."""
+
+    kind = "sleepy"
+    Config = SleepyConfig
+
+    def input_tables(self):
+        return [(("input",), self.config.input)]
+
+    def run(self, ctx) -> None:
+        ctx.write(ctx.read(self.config.input))
+        Path(self.config.marker).write_text("started")
+        if not os.environ.get("DATAMILL_TEST_DEFUSE"):
+            time.sleep(self.config.seconds)

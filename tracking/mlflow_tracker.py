@@ -1,0 +1,196 @@
+"""`datamill.tracker.Tracker` backed by MLflow.
+
+Everything goes through one `MlflowClient` with explicit run ids: no global tracking URI, no
+active-run stack, so several trackers (or a test) can share a process. Every string that
+leaves for MLflow passes `datamill.secrets.scrub` even though callers already redact: a
+secret read with `read_secret_env` must never reach the store.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from datamill.secrets import scrub
+from datamill.tracker import StepRecord, TableRecord
+from tracking.params import (
+    MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH, flatten_params,
+    sanitize_key, to_text, truncate, walk,
+)
+
+TRUNCATED_TAG = "datamill.truncated_params"
+_MAX_DIGEST = 36  # mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE
+
+
+class MlflowTracker:
+    def __init__(self, uri: str, artifact_root: Path):
+        self.uri = uri
+        self.artifact_root = Path(artifact_root)
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self._experiments: dict[str, str] = {}
+
+    # --- runs ---
+    def start_run(self, *, experiment: str, run_name: str, parent_run_id: str | None,
+                  params: dict, tags: dict[str, str], spec_yaml: str) -> str:
+        tags = dict(tags)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id  # what the UI uses to nest runs
+        run = self.client.create_run(self._experiment_id(experiment), run_name=scrub(run_name),
+                                     tags={k: _tag_value(v) for k, v in tags.items()})
+        run_id = run.info.run_id
+        # scrub before flattening: truncation could otherwise cut a secret in half
+        flat, truncated = flatten_params(_scrub_tree(params))
+        self._log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])
+        if truncated:
+            self.client.set_tag(run_id, TRUNCATED_TAG, _tag_value(", ".join(truncated)))
+        self.client.log_text(run_id, scrub(spec_yaml), "spec.yaml")
+        return run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def location(self) -> str:
+        return self.uri
+
+    # --- logging ---
+    def log_step(self, run_id: str, step: StepRecord) -> None:
+        if step.tables:
+            self.client.log_inputs(run_id, datasets=[_dataset_input(t, step.name) for t in step.tables])
+        metrics = {f"rows.{t.name}": t.rows for t in step.tables}
+        metrics[f"seconds.{step.name}"] = step.seconds
+        tags = {f"step.{step.name}.key": step.key, f"step.{step.name}.cached": to_text(step.cached)}
+        if step.model_dir is not None:
+            # only the path: models are large and already live in the workspace cache
+            tags[f"step.{step.name}.model_path"] = str(step.model_dir)
+        for key, value in walk(step.stats):
+            if _is_number(value):
+                metrics[f"{step.name}.{key}"] = value
+            elif key:
+                tags[f"step.{step.name}.{key}"] = to_text(value)
+        now = _now_ms()
+        self._log_batch(
+            run_id,
+            metrics=[Metric(sanitize_key(k), float(v), now, 0) for k, v in metrics.items()],
+            tags=[RunTag(sanitize_key(k), _tag_value(v)) for k, v in tags.items()],
+        )
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        now = _now_ms()
+        self._log_batch(run_id, metrics=[
+            Metric(sanitize_key(k), float(v), now, step or 0) for k, v in metrics.items() if _is_number(v)
+        ])
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    # --- helpers ---
+    def _experiment_id(self, name: str) -> str:
+        if name not in self._experiments:
+            self._experiments[name] = self._get_or_create_experiment(name)
+        return self._experiments[name]
+
+    def _get_or_create_experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=self._artifact_location(name))
+        except MlflowException:
+            found = self.client.get_experiment_by_name(name)  # created concurrently by another process
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _artifact_location(self, experiment: str) -> str | None:
+        # A tracking server decides where artifacts go. A local store (sqlite) would otherwise
+        # put them in ./mlruns of whatever directory the process happens to run in.
+        if self.uri.startswith(("http://", "https://")):
+            return None
+        folder = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment).lstrip(".") or "default"
+        return (self.artifact_root / folder).resolve().as_uri()
+
+    def _log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+        """log_batch within MLflow's per-request limits (100 params/tags, 1000 metrics)."""
+        metrics, params, tags = list(metrics), list(params), list(tags)
+        while metrics or params or tags:
+            self.client.log_batch(run_id, metrics=metrics[:MAX_METRICS_PER_BATCH],
+                                  params=params[:MAX_PARAMS_TAGS_PER_BATCH], tags=tags[:MAX_PARAMS_TAGS_PER_BATCH])
+            metrics = metrics[MAX_METRICS_PER_BATCH:]
+            params = params[MAX_PARAMS_TAGS_PER_BATCH:]
+            tags = tags[MAX_PARAMS_TAGS_PER_BATCH:]
+
+
+def _dataset_input(table: TableRecord, step_name: str) -> DatasetInput:
+    """Describe a table by path, digest and schema: MLflow never reads the rows (slow on big tables)."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    dataset = MetaDataset(source=_local_source(Path(table.path).resolve().as_uri()), name=table.name,
+                          digest=table.digest[:_MAX_DIGEST], schema=_mlflow_schema(table.schema))
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", step_name)])
+
+
+def _local_source(uri: str):
+    # MLflow generates LocalArtifactDatasetSource at import time (one class per artifact scheme)
+    # and registers it twice ("" and "file"), so resolve_dataset_source() warns; pick it by name.
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    cls = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")
+    return cls(uri)
+
+
+def _mlflow_schema(columns: dict[str, str]):
+    from mlflow.types import ColSpec, Schema
+
+    return Schema([ColSpec(type=_mlflow_type(t), name=name) for name, t in columns.items()])
+
+
+_ARROW_TO_MLFLOW = [  # (pattern on the Arrow type text, mlflow DataType name); first match wins
+    (r"(int8|int16|int32|uint8|uint16)", "integer"),
+    (r"(int64|uint32|uint64)", "long"),
+    (r"(halffloat|float16|float|float32)", "float"),
+    (r"(double|float64|decimal.*)", "double"),
+    (r"bool", "boolean"),
+    (r"(large_)?(string|utf8)|string_view", "string"),
+    (r"(large_)?binary|binary_view|fixed_size_binary.*", "binary"),
+    (r"(timestamp|date32|date64).*", "datetime"),
+]
+
+
+def _mlflow_type(arrow_type: str):
+    from mlflow.types import DataType
+
+    for pattern, name in _ARROW_TO_MLFLOW:
+        if re.fullmatch(pattern, arrow_type.strip()):
+            return DataType[name]
+    return DataType.string  # lists, structs, dictionaries...: shown as text in the UI
+
+
+def _scrub_tree(obj):
+    if isinstance(obj, dict):
+        return {scrub(str(k)): _scrub_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_scrub_tree(v) for v in obj]
+    return scrub(obj) if isinstance(obj, str) else obj
+
+
+def _tag_value(value) -> str:
+    return truncate(scrub(to_text(value)), MAX_TAG_VAL_LENGTH)
+
+
+def _is_number(value) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # bool is an int to Python
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
