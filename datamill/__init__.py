@@ -12,7 +12,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["run", "plan", "open", "__version__"]
+__all__ = ["run", "plans", "open", "__version__"]
 
 
 def run(spec, overrides: list[str] | None = None, *, quiet: bool = False):
@@ -22,11 +22,11 @@ def run(spec, overrides: list[str] | None = None, *, quiet: bool = False):
     return _run(spec, overrides, quiet=quiet)
 
 
-def plan(spec, overrides: list[str] | None = None):
-    """The plans (one per sweep point) without running anything."""
-    from datamill.api import plans
+def plans(spec, overrides: list[str] | None = None):
+    """The plans (one per sweep point: steps, keys, cached or not) without running anything."""
+    from datamill.api import plans as _plans
 
-    return plans(spec, overrides)
+    return _plans(spec, overrides)
 
 
 def open(workspace):  # noqa: A001 - `datamill.open(path)` reads naturally

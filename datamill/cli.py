@@ -59,11 +59,11 @@ def plan(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt) -> None:
         title = f"{p.resolved.spec.name}" + (f"  [{p.resolved.label}]" if p.resolved.label else "")
         table = Table(title=title, title_justify="left")
         for col in ("step", "kind", "status", "rows", "reads", "key"):
-            table.add_column(col)
+            table.add_column(col, no_wrap=col in ("step", "status", "key"))
         for row in describe(p):
             rows = ", ".join(f"{n}" if t == "main" else f"{t}: {n}" for t, n in row["rows"].items())
             status = "[green]cached[/green]" if row["status"] == "cached" else "[yellow]to run[/yellow]"
-            table.add_row(row["name"], row["kind"], status, rows, ", ".join(row["deps"]), row["key"])
+            table.add_row(row["name"], row["kind"], status, rows, ", ".join(row["deps"]), row["key"][:12])
         console.print(table)
     console.print(f"workspace: {p.workspace.root}")
 

@@ -112,7 +112,7 @@ class Workspace:
 
             raise DatamillError(f"no catalog at {self.catalog_path}: run the spec first")
         with duckdb.connect(str(self.catalog_path), read_only=True) as con:
-            return con.execute(query).pl()
+            return con.sql(query).pl()
 
     def table(self, name: str):
         """A table of the catalog as a Polars DataFrame."""

@@ -1,0 +1,72 @@
+"""Sweeps and MLflow end to end: parent/child runs, shared upstream work, no secret leaks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datamill
+
+SWEEP = """\
+name: swept
+sources:
+  tasks: {path: data/tasks.jsonl}
+steps:
+  pool:
+    sql: SELECT * FROM tasks
+  clean:
+    dedup: {input: pool, exact: true, minhash: {threshold: 0.8}}
+  pick:
+    sql: SELECT * FROM clean WHERE family = 'capitals'
+sweep:
+  steps.clean.dedup.minhash.threshold: [0.5, 0.9]
+  steps.pick.sql.query: ["SELECT * FROM clean WHERE family = 'capitals'", "SELECT * FROM clean LIMIT 5"]
+"""
+
+
+def test_sweep_2x2_makes_parent_and_four_children_and_runs_upstream_once(write_spec):
+    from mlflow import MlflowClient
+
+    path = write_spec(SWEEP)
+    result = datamill.run(path)
+    ran = [item.split("@")[0] for item in result.executed]
+    assert ran.count("tasks") == 1 and ran.count("pool") == 1  # shared by all four points
+    assert ran.count("clean") == 2 and ran.count("pick") == 4
+    assert len(result.points) == 4
+
+    client = MlflowClient(tracking_uri=result.tracking_location)
+    experiment = client.get_experiment_by_name("swept")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.run_id]
+    assert [p.info.run_id for p in parents] == [result.run_id]
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    thresholds = sorted(r.data.params["point.steps.clean.dedup.minhash.threshold"] for r in children)
+    assert thresholds == ["0.5", "0.5", "0.9", "0.9"]
+    child = children[0]
+    assert child.data.params["sources.tasks.path"] == "data/tasks.jsonl"
+    assert child.data.tags["step.clean.key"] and child.data.metrics["rows.tasks__rejected"] == 3
+    assert {d.dataset.name for d in child.inputs.dataset_inputs} >= {"tasks", "clean", "clean__removed", "pick"}
+    # artifacts stay in the workspace's store, not in the current directory
+    artifacts = Path(path).parent / ".datamill" / "mlartifacts"
+    assert list(artifacts.rglob("spec.yaml"))
+
+
+def test_secrets_never_reach_the_mlflow_store(write_spec, monkeypatch):
+    secret, literal = "sk-live-VERY-SECRET-8c1f", "tok-LITERAL-4d2a9e"
+    monkeypatch.setenv("SOME_SECRET", secret)
+    path = write_spec(f"""\
+name: secretive
+description: uses a key
+steps:
+  rows:
+    emit: {{n: 2, api_key_env: SOME_SECRET, token: {literal}}}
+""")
+    result = datamill.run(path)
+    assert result.points[0].steps["rows"].stats["used_key"] is True  # the step did read the secret
+    store = Path(path).parent / ".datamill"
+    files = [p for p in store.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.name == "spec.yaml" for p in files)
+    for f in files:
+        data = f.read_bytes()
+        for value in (secret, literal, "SOME_SECRET"):
+            assert value.encode() not in data, f"{value} leaked into {f}"
