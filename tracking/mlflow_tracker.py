@@ -8,6 +8,7 @@ secret read with `read_secret_env` must never reach the store.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ class MlflowTracker:
     def __init__(self, uri: str, artifact_root: Path):
         self.uri = uri
         self.artifact_root = Path(artifact_root)
+        # mlflow logs table creation/migration at INFO on first use of a store: noise for users
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         self._experiments: dict[str, str] = {}
 
