@@ -127,37 +127,30 @@ def _messages_from(row: dict) -> tuple[list[dict], set[str]]:
 
 
 def _from_messages(items) -> list[dict]:
-    if not isinstance(items, list):
-        raise RecordError(f"messages must be a list of {{role, content}} objects, got a {json_type(items)}")
-    messages = []
-    for number, item in enumerate(items, 1):
-        if not isinstance(item, dict):
-            raise RecordError(f"message {number} must be an object with role and content, "
-                              f"got a {json_type(item)}")
-        role = item.get("role")
-        if role not in ROLES:
-            raise RecordError(f"unknown role {role!r} in message {number} (expected one of "
-                              f"{', '.join(ROLES)})" if role is not None else
-                              f"message {number} has no role")
-        messages.append({"role": role, "content": _content(item.get("content"), number, role)})
-    return messages
+    return _turns(items, "messages", "role", "content", {r: r for r in ROLES})
 
 
 def _from_sharegpt(items) -> list[dict]:
+    return _turns(items, "conversations", "from", "value", SHARE_GPT_ROLES)
+
+
+def _turns(items, field: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict]:
+    """Turns as {role, content}, from a list of objects keyed `role_key`/`content_key`."""
     if not isinstance(items, list):
-        raise RecordError(f"conversations must be a list of {{from, value}} objects, got a {json_type(items)}")
+        raise RecordError(f"{field} must be a list of {{{role_key}, {content_key}}} objects, got a {json_type(items)}")
     messages = []
     for number, item in enumerate(items, 1):
         if not isinstance(item, dict):
-            raise RecordError(f"message {number} must be an object with from and value, "
+            raise RecordError(f"message {number} must be an object with {role_key} and {content_key}, "
                               f"got a {json_type(item)}")
-        speaker = item.get("from")
-        if speaker not in SHARE_GPT_ROLES:
+        speaker = item.get(role_key)
+        if speaker is None:
+            raise RecordError(f"message {number} has no {role_key!r}")
+        if speaker not in roles:
             raise RecordError(f"unknown role {speaker!r} in message {number} (expected one of "
-                              f"human, gpt, system)" if speaker is not None else
-                              f"message {number} has no 'from'")
-        role = SHARE_GPT_ROLES[speaker]
-        messages.append({"role": role, "content": _content(item.get("value"), number, role)})
+                              f"{', '.join(dict.fromkeys(roles))})")
+        role = roles[speaker]
+        messages.append({"role": role, "content": _content(item.get(content_key), number, role)})
     return messages
 
 

@@ -415,7 +415,7 @@ def check_references(resolved: ResolvedSpec, doc: YamlDoc, overrides: list[Overr
                 continue
             if ref in steps:
                 if not steps[ref].produces_model:
-                    report(where + tuple(field_loc), f"'{ref}' is a {steps[ref].kind} step, which produces no model")
+                    report(where + tuple(field_loc), f"step '{ref}' ({steps[ref].kind}) produces no model")
                 else:
                     deps.append(ref)
                 continue

@@ -20,6 +20,8 @@ class EmitConfig(StepConfig):
     """Env var holding a key; read at run time."""
     token: Optional[str] = None
     """A literal secret-looking field (must never be logged)."""
+    model: Optional[str] = None
+    """A model name or reference (only checked, never loaded)."""
 
 
 @register_step
@@ -28,6 +30,9 @@ class EmitStep(Step):
 
     kind = "emit"
     Config = EmitConfig
+
+    def model_refs(self):
+        return [(("model",), self.config.model)] if self.config.model else []
 
     def run(self, ctx) -> None:
         import polars as pl

@@ -162,9 +162,26 @@ def test_run_from_a_dict_and_the_cli_exit_codes(write_spec):
     assert out.returncode == 2 and "unknown key 'nope'" in out.stderr
 
 
-def test_builtin_model_reference_resolves_offline(write_spec, tmp_path, monkeypatch):
-    monkeypatch.setenv("DATAMILL_MODEL_CACHE", str(tmp_path / "models"))
-    from datamill.models import resolve_model
+def test_ui_command_serves_the_spec_store_and_stops_on_ctrl_c(write_spec):
+    import re
+    import urllib.request
 
-    folder = resolve_model("builtin:tiny-llama", base_dir=tmp_path, cache_dir=tmp_path / "models")
-    assert (folder / "config.json").is_file()
+    path = write_spec(PIPELINE.replace("tracking: {enabled: false}\n", ""))
+    datamill.run(path)
+    proc = subprocess.Popen([sys.executable, "-m", "datamill.cli", "ui", str(path)],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        url = None
+        deadline = time.time() + 90
+        while url is None and time.time() < deadline:
+            line = proc.stderr.readline()
+            found = re.search(r"http://127\.0\.0\.1:\d+", line)
+            url = found.group(0) if found else None
+        assert url, "datamill ui printed no URL"
+        with urllib.request.urlopen(url + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=t") as r:
+            assert b'"name": "t"' in r.read().replace(b'"name":"t"', b'"name": "t"')
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -83,6 +83,18 @@ def test_undefined_and_unknown_models(write_spec):
     assert "models.local" in msg and "no/such/model" in msg
 
 
+def test_step_model_references(write_spec):
+    base = "name: t\nmodels:\n  smol: builtin:smollm2-135m-instruct\nsteps:\n  a: {emit: {model: %s}}\n"
+    load(write_spec(base % "smol")).points()  # a name from models:
+    load(write_spec(base % "builtin:tiny-llama")).points()  # a literal reference
+    msg = errors_of(write_spec(base % "smoll"))
+    assert ":5:" in msg and "steps.a.emit.model: undefined model 'smoll'; did you mean 'smol'?" in msg
+    msg = errors_of(write_spec(base % "./missing-model"))
+    assert "steps.a.emit.model" in msg and "missing-model" in msg
+    msg = errors_of(write_spec(base % "a"))
+    assert "step 'a' (emit) produces no model" in msg
+
+
 def test_cycle_between_steps(write_spec):
     text = "name: t\nsteps:\n  a: {sql: SELECT * FROM b}\n  b: {sql: SELECT * FROM a}\n"
     msg = errors_of(write_spec(text))
