@@ -140,7 +140,7 @@ def _run_step(plan: Plan, ps: PlannedStep, tracker, run_id: str) -> StepRecord:
     if ws.is_cached(ps.key):
         meta = ws.meta(ps.key)
         console.print(f"  [dim]cached[/dim]  {ps.name} ({ps.kind}){_rows_note(meta['stats'])}")
-        return _record(ws, ps, cached=True, seconds=meta.get("seconds", 0.0), stats=meta["stats"])
+        return _record(ws, ps, meta, cached=True)
 
     console.print(f"  [cyan]running[/cyan] {ps.name} ({ps.kind})")
     tmp = ws.new_tmp_dir(ps.key)
@@ -159,15 +159,17 @@ def _run_step(plan: Plan, ps: PlannedStep, tracker, run_id: str) -> StepRecord:
     seconds = time.monotonic() - start
     if not (tmp / "tables" / "main.parquet").exists() and not (tmp / "model").exists():
         raise StepFailed(ps.name, ps.kind, RuntimeError("the step wrote no output table or model"))
-    write_json_atomic(tmp / "meta.json", {
+    meta = {
         "name": ps.name, "kind": ps.kind, "key": ps.key, "version": ps.step.version,
         "config": redact_config(ps.step.config.model_dump(mode="json")),
         "inputs": ps.tables_in, "models": ps.models, "stats": ctx.stats, "seconds": round(seconds, 3),
+        "tables": _describe_tables(tmp / "tables"),  # digests computed once, reused by cached runs
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+    }
+    write_json_atomic(tmp / "meta.json", meta)
     ws.commit(ps.key, tmp)
     console.print(f"  [green]done[/green]    {ps.name} ({ps.kind}) in {seconds:.1f}s{_rows_note(ctx.stats)}")
-    return _record(ws, ps, cached=False, seconds=seconds, stats=ctx.stats)
+    return _record(ws, ps, meta, cached=False)
 
 
 def _rows_note(stats: dict) -> str:
@@ -179,18 +181,28 @@ def _rows_note(stats: dict) -> str:
     return ": " + ", ".join(parts)
 
 
-def _record(ws: Workspace, ps: PlannedStep, cached: bool, seconds: float, stats: dict) -> StepRecord:
+def _describe_tables(tables_dir: Path) -> dict[str, dict]:
+    """rows, content digest and schema of each parquet file (read from the footer, not the rows)."""
     import pyarrow.parquet as pq
 
-    tables = []
-    for path in sorted((ws.step_dir(ps.key) / "tables").glob("*.parquet")):
-        name = ps.name if path.stem == "main" else f"{ps.name}__{path.stem}"
-        meta = pq.read_metadata(path)
-        schema = {f.name: str(f.type) for f in meta.schema.to_arrow_schema()}
-        tables.append(TableRecord(name=name, path=path, rows=meta.num_rows, digest=hash_file(path)[:32], schema=schema))
-    model = ws.step_dir(ps.key) / "model"
-    return StepRecord(name=ps.name, kind=ps.kind, key=ps.key, cached=cached, seconds=seconds, stats=stats,
-                      tables=tables, model_dir=model if model.exists() else None)
+    out = {}
+    for path in sorted(tables_dir.glob("*.parquet")):
+        footer = pq.read_metadata(path)
+        out[path.stem] = {"rows": footer.num_rows, "digest": hash_file(path)[:32],
+                          "schema": {f.name: str(f.type) for f in footer.schema.to_arrow_schema()}}
+    return out
+
+
+def _record(ws: Workspace, ps: PlannedStep, meta: dict, cached: bool) -> StepRecord:
+    folder = ws.step_dir(ps.key)
+    tables = [
+        TableRecord(name=ps.name if table == "main" else f"{ps.name}__{table}", path=folder / "tables" / f"{table}.parquet",
+                    rows=info["rows"], digest=info["digest"], schema=info["schema"])
+        for table, info in meta.get("tables", {}).items()
+    ]
+    model = folder / "model"
+    return StepRecord(name=ps.name, kind=ps.kind, key=ps.key, cached=cached, seconds=meta.get("seconds", 0.0),
+                      stats=meta["stats"], tables=tables, model_dir=model if model.exists() else None)
 
 
 def _input_paths(plan: Plan, ps: PlannedStep) -> dict[str, Path]:

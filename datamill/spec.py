@@ -322,7 +322,8 @@ def _valid_keys(model, loc: tuple) -> list[str]:
     for part in loc:
         ann = _unwrap(ann)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            info = ann.model_fields.get(str(part))
+            by_key = {info.alias or name: info for name, info in ann.model_fields.items()}
+            info = by_key.get(str(part))
             if info is None:
                 return []
             ann = info.annotation
@@ -334,7 +335,7 @@ def _valid_keys(model, loc: tuple) -> list[str]:
             return []
     ann = _unwrap(ann)
     if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return list(ann.model_fields)
+        return [info.alias or name for name, info in ann.model_fields.items()]
     return []
 
 
