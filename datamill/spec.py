@@ -406,9 +406,14 @@ def check_references(resolved: ResolvedSpec, doc: YamlDoc, overrides: list[Overr
         deps = []
         for field_loc, table in step.input_tables():
             base = table_base(table)
+            side = table[len(base) + 2:]
             if base not in steps:
                 report(where + tuple(field_loc), f"undefined table '{table}'{did_you_mean(table, steps)}"
                        f" (defined: {', '.join(steps) or 'none'})")
+            elif side and side not in steps[base].side_tables:
+                has = ", ".join(f"{base}__{t}" for t in steps[base].side_tables) or "none"
+                report(where + tuple(field_loc), f"undefined table '{table}': step '{base}' ({steps[base].kind}) "
+                       f"has no side table '{side}' (its side tables: {has})")
             else:
                 deps.append(base)
         for field_loc, ref in step.model_refs():

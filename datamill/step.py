@@ -62,6 +62,7 @@ class Step:
     Config: ClassVar[type[StepConfig]]
     version: ClassVar[str] = "1"  # bump when the output for the same config changes
     produces_model: ClassVar[bool] = False  # its output folder holds an HF model under model/
+    side_tables: ClassVar[tuple[str, ...]] = ()  # tables besides the main one, read as `<step>__<side>`
 
     def __init__(self, name: str, config: StepConfig):
         self.name = name

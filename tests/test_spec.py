@@ -77,6 +77,13 @@ def test_undefined_table_suggests_nearest(write_spec):
     assert "steps.pool.sql" in msg and "undefined table 'taks'; did you mean 'tasks'?" in msg
 
 
+def test_side_tables_are_checked(write_spec):
+    ok = GOOD + "  gone:\n    sql: SELECT * FROM clean__removed JOIN tasks__rejected ON true\n"
+    load(write_spec(ok)).points()
+    msg = errors_of(write_spec(GOOD + "  gone:\n    sql: SELECT * FROM pool__removed\n"))
+    assert "step 'pool' (sql) has no side table 'removed' (its side tables: none)" in msg
+
+
 def test_undefined_and_unknown_models(write_spec):
     msg = errors_of(write_spec(GOOD + "models:\n  m: builtin:tiny-lama\n  local: ./no/such/model\n"))
     assert "models.m" in msg and "tiny-llama" in msg

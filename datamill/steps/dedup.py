@@ -61,6 +61,7 @@ class DedupStep(Step):
 
     kind = "dedup"
     Config = DedupConfig
+    side_tables = ("removed",)
 
     def input_tables(self):
         return [(("input",), self.config.input)]

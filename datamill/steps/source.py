@@ -71,6 +71,7 @@ class SourceStep(Step):
 
     kind = "source"
     Config = SourceConfig
+    side_tables = ("rejected",)
 
     # --- plan time: cheap checks, no heavy imports ---
     def resolved_path(self, env: Env) -> Path:
