@@ -25,6 +25,7 @@ CORE_STEPS = {
 }
 
 _registered: dict[str, type] = {}
+_broken: dict[str, str] = {}  # kind -> why its plugin failed to import
 
 
 def _load(target: str):
@@ -40,7 +41,20 @@ def _entry_points() -> dict[str, object]:
 
 
 def step_kinds() -> list[str]:
-    return sorted(set(CORE_STEPS) | set(_entry_points()) | set(_registered))
+    """Kinds that can be used: a plugin that fails to import is left out (and reported when used)."""
+    kinds = []
+    for kind in sorted(set(CORE_STEPS) | set(_entry_points()) | set(_registered)):
+        try:
+            step_class(kind)
+        except SpecError:
+            continue
+        kinds.append(kind)
+    return kinds
+
+
+def broken_plugin(kind: str) -> str | None:
+    """Why an installed step kind could not be imported, if it could not."""
+    return _broken.get(kind)
 
 
 def step_class(kind: str):
@@ -49,7 +63,11 @@ def step_class(kind: str):
     if kind in CORE_STEPS:
         return _load(CORE_STEPS[kind])
     if kind in _entry_points():
-        return _entry_points()[kind].load()
+        try:
+            return _entry_points()[kind].load()
+        except Exception as e:  # a broken plugin must not break specs that don't use it
+            _broken[kind] = f"{type(e).__name__}: {e}"
+            raise SpecError(f"step kind '{kind}' is installed but failed to import: {_broken[kind]}") from None
     raise SpecError(f"unknown step kind '{kind}'{did_you_mean(kind, step_kinds())}")
 
 

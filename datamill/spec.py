@@ -279,6 +279,8 @@ def _format_validation(error: ValidationError, doc: YamlDoc, overrides: list[Ove
         if kind == "extra_forbidden":
             valid = _valid_keys(model, loc[:-1])
             msg = f"unknown key '{loc[-1]}'{did_you_mean(loc[-1], valid)}"
+            if registry.broken_plugin(str(loc[-1])):
+                msg = f"step kind '{loc[-1]}' failed to import: {registry.broken_plugin(str(loc[-1]))}"
             if valid and not did_you_mean(loc[-1], valid):
                 msg += f" (valid keys: {', '.join(valid)})"
         elif kind == "missing":

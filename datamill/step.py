@@ -103,6 +103,7 @@ class StepContext:
     input_paths: dict[str, Path]  # table name -> parquet file
     model_paths: dict[str, Any]  # model reference -> callable returning an HF folder Path
     tracker_log: Any = None  # callable(metrics: dict, step: int | None)
+    tracker_table: Any = None  # callable(name: str, columns: dict[str, list])
     stats: dict = field(default_factory=dict)  # counts etc.; saved in meta.json and logged
 
     # --- inputs ---
@@ -145,6 +146,17 @@ class StepContext:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         if self.tracker_log is not None:
             self.tracker_log({f"{self.name}.{k}": v for k, v in metrics.items()}, step)
+
+    def log_sample(self, df, name: str = "sample", rows: int = 50) -> None:
+        """Log the first `rows` rows of a Polars DataFrame as an MLflow table (nested values as JSON text)."""
+        if self.tracker_table is None:
+            return
+        import json
+
+        head = df.head(rows)
+        columns = {c: [v if isinstance(v, (str, int, float, bool, type(None))) else json.dumps(v, default=str)
+                       for v in head[c].to_list()] for c in head.columns}
+        self.tracker_table(f"{self.name}.{name}", columns)
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -46,6 +46,9 @@ class Tracker(Protocol):
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None: ...
 
+    def log_table(self, run_id: str, name: str, columns: dict[str, list]) -> None:
+        """A small table (e.g. 50 sample rows) viewable in the MLflow UI."""
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """status: FINISHED or FAILED."""
 
@@ -66,6 +69,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, run_id, path, artifact_path=None) -> None:
+        pass
+
+    def log_table(self, run_id, name, columns) -> None:
         pass
 
     def end_run(self, run_id, status="FINISHED") -> None:

@@ -219,3 +219,12 @@ def test_start_and_stop_server(store):
     assert proc.poll() is not None
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{url}/health", timeout=2)
+
+
+def test_log_table_writes_a_viewable_table(store):
+    tracker, _, tmp_path = store
+    run = tracker.start_run(experiment="tables", run_name="r", parent_run_id=None, params={}, tags={}, spec_yaml="a: 1\n")
+    tracker.log_table(run, "gen.sample", {"id": ["a", "b"], "text": ["x", "y"]})
+    tracker.end_run(run)
+    files = list((tmp_path / "mlartifacts").rglob("gen.sample.json"))
+    assert files and '"x"' in files[0].read_text()

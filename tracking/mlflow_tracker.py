@@ -95,6 +95,11 @@ class MlflowTracker:
         else:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_table(self, run_id: str, name: str, columns: dict[str, list]) -> None:
+        # MLflow's table artifacts show in the run's "Evaluation"/artifact views; strings are scrubbed.
+        clean = {k: [scrub(v) if isinstance(v, str) else v for v in values] for k, values in columns.items()}
+        self.client.log_table(run_id, data=clean, artifact_file=f"tables/{sanitize_key(name)}.json")
+
     # --- helpers ---
     def _experiment_id(self, name: str) -> str:
         if name not in self._experiments:
