@@ -146,6 +146,7 @@ def _run_step(plan: Plan, ps: PlannedStep, tracker, run_id: str) -> StepRecord:
     tmp = ws.new_tmp_dir(ps.key)
     ctx = StepContext(
         name=ps.name, kind=ps.kind, key=ps.key, out_dir=tmp, state_dir=ws.state_dir(ps.key),
+        shared_dir=ws.root / "shared",
         env=plan.resolved.env, input_paths=_input_paths(plan, ps), model_paths=_model_paths(plan, ps),
         tracker_log=lambda metrics, step=None: tracker.log_metrics(run_id, metrics, step),
         tracker_table=lambda name, columns: tracker.log_table(run_id, name, columns),

@@ -71,7 +71,7 @@ def build_plan(resolved: ResolvedSpec) -> Plan:
         key = hash_obj({
             "kind": step.kind,
             "version": step.version,
-            "config": step.config.model_dump(mode="json"),
+            "config": step.key_config(),
             "inputs": tables_in,
             "models": models,
             "extra": step.key_material(env),

@@ -80,6 +80,11 @@ class Step:
     def check(self, env: Env) -> None:
         """Extra validation beyond the pydantic model; raise `FieldError(field, message)`."""
 
+    def key_config(self) -> dict:
+        """The config as it enters the cache key. Override to drop fields that change how the
+        work runs but not what it produces (requests in flight, batch size)."""
+        return self.config.model_dump(mode="json")
+
     def key_material(self, env: Env) -> dict:
         """Anything beyond config and inputs that decides the output (e.g. a file's hash)."""
         return {}
@@ -99,6 +104,7 @@ class StepContext:
     key: str
     out_dir: Path
     state_dir: Path
+    shared_dir: Path  # workspace-wide, survives across keys: e.g. a request cache reused when `n` grows
     env: Env
     input_paths: dict[str, Path]  # table name -> parquet file
     model_paths: dict[str, Any]  # model reference -> callable returning an HF folder Path

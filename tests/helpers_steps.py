@@ -24,7 +24,8 @@ def run_step(step_class, config: dict, tmp_path: Path, name: str = "step", input
         input_paths[table] = path
     out_dir = tmp_path / "out" / name
     ctx = StepContext(name=name, kind=step.kind, key="test", out_dir=out_dir,
-                      state_dir=tmp_path / "state" / name, env=env, input_paths=input_paths,
+                      state_dir=tmp_path / "state" / name, shared_dir=tmp_path / "shared",
+                      env=env, input_paths=input_paths,
                       model_paths={})
     step.run(ctx)
     tables = {p.stem: pl.read_parquet(p) for p in sorted((out_dir / "tables").glob("*.parquet"))}
