@@ -73,9 +73,40 @@ def spec_model() -> type[BaseModel]:
     return _spec_model(tuple(registry.step_kinds()))
 
 
+_GENERATOR_TAGS: dict[str, type] = {}  # union tag -> config model, for 'did you mean' inside sources
+
+
+def _source_entry_type(kinds: tuple[str, ...]):
+    """A source is a file/hub `source` config, or `{generator: <kind>, ...}` for a step kind that
+    makes a table from nothing (Step.source_generator), e.g. the offline task families."""
+    from typing import Annotated, Union
+
+    from pydantic import Discriminator, Tag
+
+    members = [Annotated[registry.step_class("source").Config, Tag("<file>")]]
+    for kind in kinds:
+        cls = registry.step_class(kind)
+        if not getattr(cls, "source_generator", False):
+            continue
+        model = create_model(f"{cls.Config.__name__}Source", __base__=cls.Config,
+                             generator=(Literal[kind], Field(description=f"Make this table with the `{kind}` step.")))
+        _GENERATOR_TAGS[f"<generator:{kind}>"] = model
+        members.append(Annotated[model, Tag(f"<generator:{kind}>")])
+
+    def pick(value):
+        generator = value.get("generator") if isinstance(value, dict) else getattr(value, "generator", None)
+        return f"<generator:{generator}>" if generator is not None else "<file>"
+
+    return Annotated[Union[tuple(members)], Discriminator(pick)]
+
+
+def generator_kinds() -> list[str]:
+    return [k for k in registry.step_kinds() if getattr(registry.step_class(k), "source_generator", False)]
+
+
 @lru_cache(maxsize=4)
 def _spec_model(kinds: tuple[str, ...]) -> type[BaseModel]:
-    source_config = registry.step_class("source").Config
+    source_entry = _source_entry_type(kinds)
     step_entry = _step_entry_model()
 
     class Spec(Strict):
@@ -89,8 +120,9 @@ def _spec_model(kinds: tuple[str, ...]) -> type[BaseModel]:
         """Folder for the step cache and catalog. Default: .datamill/<name> next to the spec."""
         models: dict[str, str] = {}
         """Model names used by steps -> reference: builtin:smollm2-135m-instruct, builtin:tiny-llama, a local HF folder, or a hub id."""
-        sources: dict[str, source_config] = {}  # type: ignore[valid-type]
-        """Input tables by name: {path: data.jsonl} or {hf: dataset/name}."""
+        sources: dict[str, source_entry] = {}  # type: ignore[valid-type]
+        """Input tables by name: {path: data.jsonl}, {hf: dataset/name}, or a generator step such as
+        {generator: tasks, families: [arithmetic], n: 100}."""
         steps: dict[str, step_entry] = {}  # type: ignore[valid-type]
         """Steps by name; each names its kind (sql, polars, dedup, ...) and reads earlier tables by name."""
         tracking: TrackingConfig = TrackingConfig()
@@ -137,9 +169,8 @@ class ResolvedSpec:
     def step_objects(self) -> dict[str, Step]:
         """Every source and step as a Step instance, by name."""
         out: dict[str, Step] = {}
-        source_cls = registry.step_class("source")
         for name, cfg in self.spec.sources.items():
-            out[name] = source_cls(name, cfg)
+            out[name] = registry.step_class(getattr(cfg, "generator", "source"))(name, cfg)
         for name, entry in self.spec.steps.items():
             kind, cfg = _kind_of(entry)
             out[name] = registry.step_class(kind)(name, cfg)
@@ -272,17 +303,25 @@ def _override_failed_as_typed(o: Override, error: ValidationError) -> bool:
 def _format_validation(error: ValidationError, doc: YamlDoc, overrides: list[Override], model) -> list[str]:
     problems = []
     for err in error.errors():
-        loc = tuple(err["loc"])
+        tagged = tuple(err["loc"])
+        loc = tuple(part for part in tagged if not str(part).startswith("<"))  # drop union tags
         dotted = ".".join(map(str, loc)) or "(top level)"
         kind = err["type"]
         found = err.get("input")
         if kind == "extra_forbidden":
-            valid = _valid_keys(model, loc[:-1])
+            valid = _valid_keys(model, tagged[:-1])
             msg = f"unknown key '{loc[-1]}'{did_you_mean(loc[-1], valid)}"
             if registry.broken_plugin(str(loc[-1])):
                 msg = f"step kind '{loc[-1]}' failed to import: {registry.broken_plugin(str(loc[-1]))}"
             if valid and not did_you_mean(loc[-1], valid):
                 msg += f" (valid keys: {', '.join(valid)})"
+        elif kind == "union_tag_invalid":
+            name = found.get("generator") if isinstance(found, dict) else found
+            gens = generator_kinds()
+            msg = (f"unknown generator '{name}'{did_you_mean(name, gens)} (generators: {', '.join(gens) or 'none'};"
+                   " or use `path:`/`hf:` for files and hub datasets)")
+            loc = loc + ("generator",)
+            dotted = ".".join(map(str, loc))
         elif kind == "missing":
             msg = f"missing required field '{loc[-1]}'"
         else:
@@ -322,6 +361,9 @@ def _valid_keys(model, loc: tuple) -> list[str]:
 
     ann: Any = model
     for part in loc:
+        if str(part).startswith("<"):  # a union tag: the member it names
+            ann = _GENERATOR_TAGS.get(str(part), ann)
+            continue
         ann = _unwrap(ann)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             by_key = {info.alias or name: info for name, info in ann.model_fields.items()}
@@ -344,6 +386,8 @@ def _valid_keys(model, loc: tuple) -> list[str]:
 def _unwrap(ann):
     import typing
 
+    if typing.get_origin(ann) is typing.Annotated:
+        ann = typing.get_args(ann)[0]
     if typing.get_origin(ann) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         for arg in typing.get_args(ann):
             if arg is not type(None):

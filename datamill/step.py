@@ -63,6 +63,7 @@ class Step:
     version: ClassVar[str] = "1"  # bump when the output for the same config changes
     produces_model: ClassVar[bool] = False  # its output folder holds an HF model under model/
     side_tables: ClassVar[tuple[str, ...]] = ()  # tables besides the main one, read as `<step>__<side>`
+    source_generator: ClassVar[bool] = False  # makes a table from nothing: usable as `sources: {x: {generator: kind}}`
 
     def __init__(self, name: str, config: StepConfig):
         self.name = name

@@ -87,3 +87,22 @@ class SleepyStep(Step):
         Path(self.config.marker).write_text("started")
         if not os.environ.get("DATAMILL_TEST_DEFUSE"):
             time.sleep(self.config.seconds)
+
+
+class CountConfig(StepConfig):
+    n: int = 3
+    """Rows to make."""
+
+
+@register_step
+class CountStep(Step):
+    """Make a table of n numbers from nothing (tests the `generator:` form of sources)."""
+
+    kind = "count"
+    Config = CountConfig
+    source_generator = True
+
+    def run(self, ctx) -> None:
+        import polars as pl
+
+        ctx.write(pl.DataFrame({"i": list(range(self.config.n))}))

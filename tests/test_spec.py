@@ -193,3 +193,19 @@ def test_cli_exit_code_2_and_no_traceback(write_spec):
     out = subprocess.run([sys.executable, "-m", "datamill.cli", "validate", str(path.parent / "missing.yaml")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "spec file not found" in out.stderr
+
+
+def test_sources_can_name_a_generator_step(write_spec):
+    base = "name: t\ntracking: {enabled: false}\nsources:\n  nums: {generator: count, n: %s}\n  tasks: {path: data/tasks.jsonl}\n"
+    (point,) = load(write_spec(base % "4")).points()
+    steps = point.step_objects()
+    assert steps["nums"].kind == "count" and steps["nums"].config.n == 4 and steps["tasks"].kind == "source"
+    msg = errors_of(write_spec(base % "many"))
+    assert "sources.nums.n: expected a valid integer" in msg and ":4:" in msg
+    msg = errors_of(write_spec(base.replace("n: %s", "m: 1")))
+    assert "sources.nums.m: unknown key 'm'" in msg and "valid keys: n, generator" in msg
+    msg = errors_of(write_spec(base.replace("generator: count", "generator: cont") % "1"))
+    assert "sources.nums.generator: unknown generator 'cont'; did you mean 'count'?" in msg
+    import datamill
+
+    assert datamill.run(write_spec(base % "4")).table("nums").height == 4
