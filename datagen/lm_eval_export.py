@@ -1,0 +1,186 @@
+"""The offline task families as lm-evaluation-harness tasks (multiple choice and exact match).
+
+    names = export_lm_eval_tasks(Path("out/lm_eval"), ["arithmetic", "capitals"], n=100)
+    tm = lm_eval.tasks.TaskManager(include_path="out/lm_eval", include_defaults=False)
+    lm_eval.simple_evaluate(model=..., tasks=names, task_manager=tm)
+
+Per family two tasks over the same `n` test rows:
+
+    datamill_<family>_mc     multiple_choice over the row's 4 `choices`; acc, acc_norm
+    datamill_<family>_exact  generate_until (until "\\n"); a regex filter pulls the answer out of
+                             the generation (the last number, the last country/capital/continent
+                             named, or the first line); exact_match
+
+Data paths in the YAML are absolute: lm-eval resolves relative `data_files` against the
+current directory, not the YAML's folder. Re-export if the folder moves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+TEST_SPLIT, FEWSHOT_SPLIT = "test", "train"
+DOC_TO_TEXT = "Question: {{question}}\nAnswer:"
+
+# What the exact-match filter extracts from a generation, per family.
+_LAST_INTEGER = r"-?\d[\d,]*"
+_LAST_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+# The first line, without an "Answer:" label, quotes, backticks or a final period.
+_FIRST_LINE = r"""(?i)^[\s"'`]*(?:(?:the\s+)?(?:answer|output|result)\s*(?:is\s*)?:\s*)?[\s"'`]*(.*?)[\s"'`.]*$"""
+
+
+def _capitals_pattern() -> str:
+    """Any country, capital or continent from the shipped table, longest first, as whole words."""
+    from datagen.tasks import continents, countries
+
+    names = {name for c in countries() for name in (c.country, c.capital)} | set(continents())
+    alternatives = "|".join(re.escape(n) for n in sorted(names, key=lambda s: (-len(s), s)))
+    return rf"(?i)(?<!\w)({alternatives})(?!\w)"
+
+
+def _exact_settings(family: str) -> dict:
+    """regex (pattern, which match), exact_match options and generation length for a family."""
+    if family == "arithmetic":
+        return {"regex": (_LAST_INTEGER, -1), "ignore": [","], "ignore_case": False, "ignore_punct": False,
+                "max_gen_toks": 32}
+    if family == "units":
+        return {"regex": (_LAST_NUMBER, -1), "ignore": [","], "ignore_case": False, "ignore_punct": False,
+                "max_gen_toks": 32}
+    if family == "capitals":
+        return {"regex": (_capitals_pattern(), -1), "ignore": [], "ignore_case": True, "ignore_punct": True,
+                "max_gen_toks": 48}
+    if family == "sort":  # "3,7,12" and "[3, 7, 12]" count as "3, 7, 12"
+        return {"regex": (_FIRST_LINE, 0), "ignore": [r"[\s\[\]'\"]"], "ignore_case": True,
+                "ignore_punct": False, "max_gen_toks": 96}
+    if family == "code":  # printed output is compared as is (no case or punctuation folding)
+        return {"regex": (_FIRST_LINE, 0), "ignore": [], "ignore_case": False, "ignore_punct": False,
+                "max_gen_toks": 48}
+    # reverse, chat (chat is a distractor family: exact match on chit-chat is expectedly low)
+    return {"regex": (_FIRST_LINE, 0), "ignore": [], "ignore_case": True, "ignore_punct": True,
+            "max_gen_toks": 128 if family == "chat" else 64}
+
+
+def _docs(family: str, n: int, seed: int, difficulty: str, exclude: set[str] = frozenset()) -> list[dict]:
+    from datagen.tasks import generate_tasks
+    from datamill.records import row_id
+
+    docs = []
+    for row in generate_tasks([family], n, seed, difficulty):
+        question = row["messages"][0]["content"]
+        if question in exclude:
+            continue
+        docs.append({"id": row_id(row["messages"]), "family": family, "difficulty": difficulty,
+                     "question": question, "answer": row["answer"], "choices": row["choices"],
+                     "label": row["choices"].index(row["answer"]), "reply": row["messages"][1]["content"]})
+    return docs
+
+
+def _write_jsonl(path: Path, docs: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+
+
+def _write_yaml(path: Path, config: dict) -> None:
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper, value: str):  # "Question: ...\nAnswer:" reads better double-quoted than folded
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"' if "\n" in value else None)
+
+    Dumper.add_representer(str, text)
+    path.write_text(yaml.dump(config, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=1000))
+
+
+def export_lm_eval_tasks(out_dir: Path, families: list[str] | None = None, n: int = 100, seed: int = 1234,
+                         difficulty: str = "medium", *, num_fewshot: int = 0, fewshot_n: int = 20,
+                         fewshot_seed: int | None = None, cache_dir: Path | None = None) -> list[str]:
+    """Write lm-eval task YAMLs and JSONL data for `families` into `out_dir`; return the task names
+    (`datamill_<family>_mc`, `datamill_<family>_exact` for each family, in that order).
+
+    Train/test leakage: the test rows come from `seed` (default 1234), chosen to differ from the
+    seeds training data is usually made with (0, 1, 42): rows with another seed are independent
+    draws. Never export with the seed your training rows used, or the eval set *is* training data.
+    A different seed is not enough for small families, though: capitals (~375 distinct questions),
+    chat (42) and easy arithmetic (243) repeat questions across any two seeds, so drop training rows
+    whose prompt appears in the exported `question`s (e.g. a SQL anti-join) when that matters.
+
+    Few-shot: `fewshot_n` rows (seed `fewshot_seed`, default `seed + 1`, minus any question that is
+    also in the test rows) go to a `train` split that lm-eval draws examples from; `num_fewshot` is
+    written into the YAML (lm-eval's `num_fewshot` argument overrides it). `fewshot_n=0` writes none.
+
+    `cache_dir`: where `datasets` caches the JSON it reads (default `<out_dir>/.hf_datasets_cache`),
+    so evaluation never writes under ~/.cache.
+    """
+    from datagen.tasks import DIFFICULTIES, check_families
+
+    families = list(dict.fromkeys(check_families(families)))
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {difficulty!r}; valid: {', '.join(DIFFICULTIES)}")
+    if n <= 0:
+        raise ValueError(f"n must be > 0, got {n}")
+    if num_fewshot > 0 and fewshot_n < num_fewshot:
+        raise ValueError(f"num_fewshot={num_fewshot} needs fewshot_n >= {num_fewshot} (got {fewshot_n})")
+    out_dir = Path(out_dir).resolve()
+    cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / ".hf_datasets_cache"
+    fewshot_seed = seed + 1 if fewshot_seed is None else fewshot_seed
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    names = []
+    for family in families:
+        test = _docs(family, n, seed, difficulty)
+        data_files = {TEST_SPLIT: str(out_dir / "data" / f"{family}_{TEST_SPLIT}.jsonl")}
+        _write_jsonl(Path(data_files[TEST_SPLIT]), test)
+        splits = {"test_split": TEST_SPLIT}
+        if fewshot_n > 0:
+            pool = _docs(family, fewshot_n, fewshot_seed, difficulty, exclude={d["question"] for d in test})
+            if len(pool) < max(num_fewshot, 1):
+                raise ValueError(f"{family}: only {len(pool)} few-shot rows differ from the test rows; "
+                                 f"raise fewshot_n or lower num_fewshot")
+            data_files[FEWSHOT_SPLIT] = str(out_dir / "data" / f"{family}_{FEWSHOT_SPLIT}.jsonl")
+            _write_jsonl(Path(data_files[FEWSHOT_SPLIT]), pool)
+            splits["fewshot_split"] = FEWSHOT_SPLIT
+        common = {
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": data_files, "cache_dir": str(cache_dir)},
+            **splits,
+            "num_fewshot": num_fewshot,
+            "doc_to_text": DOC_TO_TEXT,
+        }
+        meta = {"version": 1.0, "generator": "datamill tasks", "family": family, "n": n, "seed": seed,
+                "fewshot_seed": fewshot_seed, "difficulty": difficulty}
+
+        mc = f"datamill_{family}_mc"
+        _write_yaml(out_dir / f"{mc}.yaml", {
+            "task": mc, **common, "output_type": "multiple_choice",
+            "doc_to_choice": "choices", "doc_to_target": "label",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+            "metadata": meta,
+        })
+
+        exact = f"datamill_{family}_exact"
+        settings = _exact_settings(family)
+        pattern, group = settings["regex"]
+        exact_match = {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                       "ignore_case": settings["ignore_case"], "ignore_punctuation": settings["ignore_punct"]}
+        if settings["ignore"]:  # lm-eval 0.4 compares plain lists (one bool) when given an empty list
+            exact_match["regexes_to_ignore"] = settings["ignore"]
+        _write_yaml(out_dir / f"{exact}.yaml", {
+            "task": exact, **common, "output_type": "generate_until",
+            "doc_to_target": "answer",
+            "generation_kwargs": {"until": ["\n"], "do_sample": False, "temperature": 0.0,
+                                  "max_gen_toks": settings["max_gen_toks"]},
+            "filter_list": [{"name": "extract", "filter": [
+                {"function": "regex", "regex_pattern": pattern, "group_select": group, "fallback": "[invalid]"},
+                {"function": "take_first"}]}],
+            "metric_list": [exact_match],
+            "metadata": meta,
+        })
+        names += [mc, exact]
+    return names
