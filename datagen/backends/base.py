@@ -44,6 +44,12 @@ class BackendStats:
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
+    def count(self, result: "GenResult") -> None:
+        """Account for one request a backend sent once (local backends: no retries)."""
+        self.sent += 1
+        self.tokens_in += result.tokens_in
+        self.tokens_out += result.tokens_out
+
 
 class Backend(Protocol):
     stats: BackendStats

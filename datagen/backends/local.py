@@ -165,9 +165,7 @@ class TransformersBackend:
         with bar(self.progress_desc, total=len(requests), unit="requests") as progress:
             for batch in batches:
                 for result in self._run_batch([requests[i] for i in batch], [texts[i] for i in batch]):
-                    self.stats.sent += 1
-                    self.stats.tokens_in += result.tokens_in
-                    self.stats.tokens_out += result.tokens_out
+                    self.stats.count(result)
                     on_result(result)
                     progress.advance()
                 self.stats.seconds = time.monotonic() - start

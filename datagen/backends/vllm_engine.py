@@ -59,9 +59,7 @@ class VLLMBackend:
                                        tokens_in=len(output.prompt_token_ids or []),
                                        tokens_out=len(completion.token_ids or []),
                                        finish_reason=completion.finish_reason)
-                    self.stats.sent += 1
-                    self.stats.tokens_in += result.tokens_in
-                    self.stats.tokens_out += result.tokens_out
+                    self.stats.count(result)
                     on_result(result)
                     progress.advance()
                 self.stats.seconds = time.monotonic() - start
