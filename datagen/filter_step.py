@@ -180,17 +180,11 @@ class FilterStep(Step):
     def _reason(self, response: list[str], prompt: list[str] | None, whole: str, phrases, detector) -> str | None:
         """Why a row is dropped (the first check it fails), or None to keep it."""
         cfg = self.config
-        size = sum(len(t) for t in response)
-        if cfg.min_chars is not None and size < cfg.min_chars:
-            return f"too short: {size} < min_chars={cfg.min_chars}"
-        if cfg.max_chars is not None and size > cfg.max_chars:
-            return f"too long: {size} > max_chars={cfg.max_chars}"
-        if prompt is not None:
-            size = sum(len(t) for t in prompt)
-            if cfg.min_prompt_chars is not None and size < cfg.min_prompt_chars:
-                return f"prompt too short: {size} < min_prompt_chars={cfg.min_prompt_chars}"
-            if cfg.max_prompt_chars is not None and size > cfg.max_prompt_chars:
-                return f"prompt too long: {size} > max_prompt_chars={cfg.max_prompt_chars}"
+        reason = _length_reason(response, cfg.min_chars, cfg.max_chars, "", "chars")
+        if reason is None and prompt is not None:
+            reason = _length_reason(prompt, cfg.min_prompt_chars, cfg.max_prompt_chars, "prompt ", "prompt_chars")
+        if reason:
+            return reason
         if phrases is not None:
             for text in response:
                 found = phrases.search(_normalize(text))
@@ -204,32 +198,29 @@ class FilterStep(Step):
 
     def _texts(self, table):
         """Per row: response texts, prompt texts (None for a text column) and the whole text."""
-        import polars as pl
-
-        from datamill.records import text_of
+        from datamill.records import column_texts, is_messages_column, text_column, text_of
 
         cfg = self.config
-        column = cfg.column or ("messages" if "messages" in table.columns else "text")
-        if column not in table.columns:
-            hint = "" if cfg.column else " (no `messages` or `text` column)"
-            raise DatamillError(
-                f"filter input '{cfg.input}' has no column '{column}'{hint}; available columns: "
-                f"{', '.join(table.columns)}; set `column:` to the one holding the text")
-        dtype = table.schema[column]
-        values = table[column].to_list()
-        if isinstance(dtype, pl.List) and isinstance(dtype.inner, pl.Struct):
-            turns = [v or [] for v in values]
+        column = text_column(table, cfg.column, f"filter input '{cfg.input}'")
+        if is_messages_column(table, column):
+            turns = [v or [] for v in table[column].to_list()]
             responses = [[m["content"] or "" for m in t if m.get("role") == "assistant"] for t in turns]
             prompts = [[m["content"] or "" for m in t if m.get("role") == "user"] for t in turns]
             return responses, prompts, [text_of(t) for t in turns]
         if cfg.min_prompt_chars is not None or cfg.max_prompt_chars is not None:
             raise DatamillError(f"min_prompt_chars/max_prompt_chars need a messages column; '{column}' is "
-                                f"{dtype}: there is no prompt to measure")
-        if isinstance(dtype, pl.List):
-            whole = ["\n".join(str(x) for x in v if x is not None) if v else "" for v in values]
-        else:
-            whole = ["" if v is None else str(v) for v in values]
+                                f"{table.schema[column]}: there is no prompt to measure")
+        whole = column_texts(table, column)
         return [[t] for t in whole], None, whole
+
+
+def _length_reason(texts: list[str], low: int | None, high: int | None, label: str, field: str) -> str | None:
+    size = sum(len(t) for t in texts)
+    if low is not None and size < low:
+        return f"{label}too short: {size} < min_{field}={low}"
+    if high is not None and size > high:
+        return f"{label}too long: {size} > max_{field}={high}"
+    return None
 
 
 def reason_kind(reason: str) -> str:

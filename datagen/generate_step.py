@@ -300,12 +300,10 @@ class GenerateStep(Step):
                                  "raw": (text or "")[:MAX_RAW_CHARS],
                                  "finish_reason": None if result is None else result.get("finish_reason")})
                 continue
-            rows.append({"id": row_id(messages), "messages": messages, "source": ctx.name,
-                         "gen_prompt": p.prompt.name, "gen_model": cfg.model, "gen_seed": p.request.seed,
-                         "parent_id": None, "category": p.prompt.category, "gen_prompt_hash": p.prompt.hash,
-                         "gen_index": p.draw.index, "gen_subindex": p.draw.subindex, "gen_topic": p.draw.topic,
-                         "gen_sampling": sampling, "gen_finish_reason": result.get("finish_reason"),
-                         "request_id": p.request.id})
+            rows.append({**common, "id": row_id(messages), "messages": messages, "source": ctx.name,
+                         "gen_model": cfg.model, "parent_id": None, "category": p.prompt.category,
+                         "gen_topic": p.draw.topic, "gen_sampling": sampling,
+                         "gen_finish_reason": result.get("finish_reason")})
         return pl.DataFrame(rows, schema=output_schema()), pl.DataFrame(rejected, schema=rejected_schema())
 
     def _report(self, ctx, planned, todo, resent_failed, stats: BackendStats, seconds, rows, rejected,

@@ -87,6 +87,38 @@ def text_of(messages) -> str:
     return "\n".join(m["content"] for m in messages if m.get("content") is not None)
 
 
+def text_column(table, column: str | None, what: str) -> str:
+    """The column holding a table's text: `column` when given, else `messages`, else `text`.
+    `what` names the input in the error, e.g. "dedup input 'pool'"."""
+    chosen = column or ("messages" if "messages" in table.columns else "text")
+    if chosen not in table.columns:
+        from datamill.errors import DatamillError
+
+        hint = "" if column else " (no `messages` or `text` column)"
+        raise DatamillError(f"{what} has no column '{chosen}'{hint}; available columns: "
+                            f"{', '.join(table.columns)}; set `column:` to the one holding the text")
+    return chosen
+
+
+def is_messages_column(table, column: str) -> bool:
+    import polars as pl
+
+    dtype = table.schema[column]
+    return isinstance(dtype, pl.List) and isinstance(dtype.inner, pl.Struct)
+
+
+def column_texts(table, column: str) -> list[str]:
+    """One text per row: messages joined by `text_of`, lists joined by newlines, else str()."""
+    import polars as pl
+
+    values = table[column].to_list()
+    if is_messages_column(table, column):
+        return [text_of(v) for v in values]
+    if isinstance(table.schema[column], pl.List):
+        return ["\n".join(str(x) for x in v if x is not None) if v else "" for v in values]
+    return ["" if v is None else str(v) for v in values]
+
+
 def normalize_record(row: dict, source: str) -> dict:
     """One input row in any accepted shape -> a canonical row; raises RecordError(reason)."""
     if not isinstance(row, dict):

@@ -384,11 +384,12 @@ def _valid_keys(model, loc: tuple) -> list[str]:
 
 
 def _unwrap(ann):
+    import types
     import typing
 
     if typing.get_origin(ann) is typing.Annotated:
         ann = typing.get_args(ann)[0]
-    if typing.get_origin(ann) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
         for arg in typing.get_args(ann):
             if arg is not type(None):
                 return arg

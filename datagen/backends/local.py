@@ -105,7 +105,6 @@ class TransformersBackend:
 
     def __init__(self, model_dir: Path, batch_size: int = 16, dtype: str = "auto", device: str = "auto",
                  progress_desc: str = "generate"):
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.batch_size = max(1, int(batch_size))

@@ -14,7 +14,6 @@ import unicodedata
 
 from pydantic import Field, field_validator
 
-from datamill.errors import DatamillError
 from datamill.step import Step, StepConfig
 
 _PROGRESS_EVERY = 1000  # rows between progress updates
@@ -103,23 +102,10 @@ class DedupStep(Step):
                           "removed_exact": method.count("exact"), "removed_minhash": method.count("minhash")})
 
     def _texts(self, table) -> list[str]:
-        import polars as pl
+        from datamill.records import column_texts, text_column
 
-        from datamill.records import text_of
-
-        column = self.config.column or ("messages" if "messages" in table.columns else "text")
-        if column not in table.columns:
-            hint = "" if self.config.column else " (no `messages` or `text` column)"
-            raise DatamillError(
-                f"dedup input '{self.config.input}' has no column '{column}'{hint}; available columns: "
-                f"{', '.join(table.columns)}; set `column:` to the one holding the text")
-        dtype = table.schema[column]
-        values = table[column].to_list()
-        if isinstance(dtype, pl.List) and isinstance(dtype.inner, pl.Struct):
-            return [text_of(v) for v in values]
-        if isinstance(dtype, pl.List):
-            return ["\n".join(str(x) for x in v if x is not None) if v else "" for v in values]
-        return ["" if v is None else str(v) for v in values]
+        column = text_column(table, self.config.column, f"dedup input '{self.config.input}'")
+        return column_texts(table, column)
 
 
 def normalize_text(text: str) -> str:

@@ -69,9 +69,8 @@ def sandboxed_duckdb(tables: dict, writable=()):
     import duckdb
 
     con = duckdb.connect()
-    allowed = [str(p) for p in tables.values()] + [str(p) + "/" for p in writable]
     con.execute(f"SET allowed_directories=[{', '.join(_quote(str(d) + '/') for d in writable)}]")
-    con.execute(f"SET allowed_paths=[{', '.join(_quote(p) for p in allowed if not p.endswith('/'))}]")
+    con.execute(f"SET allowed_paths=[{', '.join(_quote(str(p)) for p in tables.values())}]")
     con.execute("SET enable_external_access=false")
     con.execute("SET lock_configuration=true")
     for name, path in tables.items():
