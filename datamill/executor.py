@@ -150,6 +150,7 @@ def _run_step(plan: Plan, ps: PlannedStep, tracker, run_id: str) -> StepRecord:
         env=plan.resolved.env, input_paths=_input_paths(plan, ps), model_paths=_model_paths(plan, ps),
         tracker_log=lambda metrics, step=None: tracker.log_metrics(run_id, metrics, step),
         tracker_table=lambda name, columns: tracker.log_table(run_id, name, columns),
+        tracker_artifact=lambda path, artifact_path=None: tracker.log_artifact(run_id, path, artifact_path),
     )
     start = time.monotonic()
     try:

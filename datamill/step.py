@@ -111,6 +111,7 @@ class StepContext:
     model_paths: dict[str, Any]  # model reference -> callable returning an HF folder Path
     tracker_log: Any = None  # callable(metrics: dict, step: int | None)
     tracker_table: Any = None  # callable(name: str, columns: dict[str, list])
+    tracker_artifact: Any = None  # callable(path: Path, artifact_path: str | None)
     stats: dict = field(default_factory=dict)  # counts etc.; saved in meta.json and logged
 
     # --- inputs ---
@@ -153,6 +154,11 @@ class StepContext:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         if self.tracker_log is not None:
             self.tracker_log({f"{self.name}.{k}": v for k, v in metrics.items()}, step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file (a plot) or a folder to the run, under `<step name>/` unless `artifact_path`."""
+        if self.tracker_artifact is not None:
+            self.tracker_artifact(Path(path), artifact_path or self.name)
 
     def log_sample(self, df, name: str = "sample", rows: int = 50) -> None:
         """Log the first `rows` rows of a Polars DataFrame as an MLflow table (nested values as JSON text)."""

@@ -1,0 +1,390 @@
+"""The train step: loss masks, packing, goldfish, NEFTune, LoRA, resume, saving, learning (tiny-llama, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from datamill.errors import SpecError
+
+torch = pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def tiny(model_cache):
+    from datamill.models import resolve_model
+
+    return resolve_model("builtin:tiny-llama", base_dir=Path("."), cache_dir=model_cache)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny)
+
+
+@pytest.fixture
+def cached_models(model_cache, monkeypatch):
+    monkeypatch.setenv("DATAMILL_MODEL_CACHE", str(model_cache))
+
+
+def load_model(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "2 + 3 = 5."},
+    {"role": "user", "content": "And times 4?"},
+    {"role": "assistant", "content": "5 times 4 is 20."},
+]
+
+
+def loss_text(tokenizer, example) -> list[str]:
+    """Decoded runs of consecutive loss-bearing tokens."""
+    runs, current = [], []
+    for tok, lab in zip(example.input_ids, example.labels):
+        if lab != -100:
+            assert lab == tok  # a label is the token itself (the model shifts)
+            current.append(tok)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+# --------------------------------------------------------------------------- loss masks
+
+
+def test_assistant_only_masking_on_a_multi_turn_example(tokenizer):
+    from train.data import encode
+
+    ex = encode(tokenizer, CONVERSATION, "assistant", max_len=512)
+    assert loss_text(tokenizer, ex) == ["2 + 3 = 5.<|im_end|>", "5 times 4 is 20.<|im_end|>"]
+    # every other token (system, user turns, role headers) is -100
+    n_loss = sum(1 for x in ex.labels if x != -100)
+    assert n_loss == len(tokenizer("2 + 3 = 5.<|im_end|>5 times 4 is 20.<|im_end|>", add_special_tokens=False)["input_ids"])
+    assert ex.labels[0] == -100 and not ex.truncated
+
+
+def test_last_turn_and_all_tokens_modes(tokenizer):
+    from train.data import encode
+
+    assert loss_text(tokenizer, encode(tokenizer, CONVERSATION, "last_turn", 512)) == ["5 times 4 is 20.<|im_end|>"]
+    everything = encode(tokenizer, CONVERSATION, "all", 512)
+    assert everything.labels[1:] == everything.input_ids[1:]
+
+
+def test_truncation_is_flagged(tokenizer):
+    from train.data import encode
+
+    ex = encode(tokenizer, CONVERSATION, "assistant", max_len=10)
+    assert len(ex.input_ids) == 10 and ex.truncated
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def test_packed_batch_loss_equals_sum_of_per_example_losses(tiny, tokenizer):
+    from train.data import collate, encode, pack
+    from train.loop import _forward_loss, _LossPositions, packing_supported
+
+    model = load_model(tiny).eval()
+    convs = [CONVERSATION, CONVERSATION[1:3], [{"role": "user", "content": "Capital of France?"},
+                                               {"role": "assistant", "content": "Paris."}]]
+    examples = [encode(tokenizer, c, "assistant", 256) for c in convs]
+    labels = [e.labels for e in examples]
+    assert packing_supported(model)
+    rows = pack([len(e.input_ids) for e in examples], max_len=256)
+    assert sorted(i for row in rows for i in row) == [0, 1, 2] and len(rows) == 1
+    for select in (_LossPositions(model), None):  # logits at loss positions only, and full logits
+        select = select or type("NoSelect", (), {"enabled": False, "positions": None})()
+        with torch.no_grad():
+            packed = _forward_loss(model, collate(rows, examples, labels, packed=True, pad_id=0, row_len=256), select)
+            alone = sum(_forward_loss(model, collate([[i]], examples, labels, packed=False, pad_id=0), select)
+                        for i in range(3))
+        assert float(packed) == pytest.approx(float(alone), abs=1e-5, rel=1e-6)
+        if hasattr(select, "remove"):
+            select.remove()
+
+
+def test_padded_batches_group_similar_lengths_and_respect_the_token_budget():
+    from train.data import micro_batches
+
+    lengths = [10, 200, 12, 190, 11, 205, 9, 198]
+    batches = micro_batches([[i] for i in range(8)], lengths, packed=False, max_len=256, batch_size=4,
+                            batch_tokens=420, seed=0)
+    assert sorted(i for b in batches for row in b for i in row) == list(range(8))
+    for b in batches:
+        longest = max(lengths[row[0]] for row in b)
+        assert longest * len(b) <= 420
+        assert max(lengths[r[0]] for r in b) - min(lengths[r[0]] for r in b) < 20  # short with short
+
+
+def test_mixture_weights_set_each_tables_share():
+    from train.data import epoch_order
+
+    order = epoch_order([100, 10], [0.5, 0.5], seed=0, epoch=0)
+    assert len(order) == 110
+    small = [r for t, r in order if t == 1]
+    assert len(small) == 55 and set(small) == set(range(10))  # the small table repeated
+    assert epoch_order([100, 10], None, 0, 0) != epoch_order([100, 10], None, 0, 1)  # reshuffled per epoch
+    assert sorted(epoch_order([3, 2], None, 0, 0)) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+
+
+# --------------------------------------------------------------------------- goldfish
+
+
+def test_goldfish_drops_about_one_in_k_the_same_for_the_same_text(tokenizer):
+    from train.goldfish import apply_goldfish, dropped_targets
+
+    passage = ("The quick brown fox jumps over the lazy dog while the river runs north past seven old mills, "
+               "and every miller counts the sacks of grain twice before the market opens at dawn. ") * 6
+    ids = torch.tensor(tokenizer(passage, add_special_tokens=False)["input_ids"])
+    text = torch.randint(0, 49152, (20_000,), generator=torch.Generator().manual_seed(0))  # no repeats
+    for k in (2, 4, 8):
+        assert dropped_targets(text, k=k, h=13).float().mean().item() == pytest.approx(1 / k, abs=0.01)
+    # The same passage after two different prefixes: identical drops once h tokens of it are seen.
+    a = tokenizer("Intro one. " + passage, add_special_tokens=False)["input_ids"]
+    b = tokenizer("A different and longer preface here. " + passage, add_special_tokens=False)["input_ids"]
+    tail = len(ids) - 20
+    da = dropped_targets(torch.tensor(a), k=4, h=13)[-tail:]
+    db = dropped_targets(torch.tensor(b), k=4, h=13)[-tail:]
+    assert torch.equal(da, db) and da.any()
+    # static: every k-th target from `start`
+    assert dropped_targets(ids[:12], k=4, h=13, strategy="static", start=1).nonzero().flatten().tolist() == [1, 5, 9]
+    # labels: only loss-bearing targets are dropped, and the count says how many
+    labels = [-100] * 10 + a[10:]
+    out, dropped = apply_goldfish(a, labels, k=4, h=13)
+    assert out[:10] == [-100] * 10 and dropped == sum(1 for x, y in zip(labels, out) if x != y)
+
+
+def test_goldfish_is_training_only(tiny, tokenizer):
+    """The eval loss sees every assistant token: it equals the plain cross-entropy of the model."""
+    from train.config import TrainConfig
+    from train.data import encode
+    from train.loop import _training_labels, evaluate_loss
+
+    examples = [encode(tokenizer, CONVERSATION, "assistant", 256)]
+    cfg = TrainConfig(model="m", data="d", goldfish={"k": 2, "h": 2})
+    assert _training_labels(cfg, examples)[0] != examples[0].labels  # training drops tokens
+    model = load_model(tiny)
+    got = evaluate_loss(model, [[[0]]], examples, pad_id=0, packed=False, max_len=256)
+    ids = torch.tensor([examples[0].input_ids])
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=torch.tensor([examples[0].labels])).loss.item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- NEFTune
+
+
+def test_neftune_noises_training_forward_only_and_the_hook_goes_away(tiny):
+    from train.neftune import neftune
+
+    model = load_model(tiny)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    model.eval()
+    with torch.no_grad():
+        clean = model(input_ids=ids).logits
+    with neftune(model, alpha=5.0) as hook:
+        hook.set_batch(torch.tensor([[6, 6, 6, 6, 0, 0]]))  # last two positions are padding
+        embed = model.get_input_embeddings()
+        assert len(embed._forward_hooks) == 1
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, clean)  # eval: bit-identical
+            model.train()
+            noisy = embed(ids)
+            base = embed.weight[ids]
+            delta = noisy - base
+            assert not torch.equal(noisy, base)
+            assert torch.equal(delta[0, 4:], torch.zeros_like(delta[0, 4:]))  # no noise on padding
+            bound = 5.0 / (6 * embed.weight.shape[1]) ** 0.5
+            assert delta.abs().max() <= bound + 1e-6
+            assert not torch.equal(model(input_ids=ids).logits, clean)
+    assert len(model.get_input_embeddings()._forward_hooks) == 0
+
+
+# --------------------------------------------------------------------------- the step, end to end
+
+
+def train_spec(write_spec, extra: str = "", n: int = 120, families: str = "[arithmetic]") -> Path:
+    return write_spec(f"""
+name: tr
+models: {{tiny: builtin:tiny-llama}}
+sources:
+  tasks: {{generator: tasks, families: {families}, n: {n}, seed: 0}}
+steps:
+  sft:
+    train:
+      model: tiny
+      data: tasks
+      max_len: 128
+      batch_size: 4
+{extra}
+tracking: {{enabled: false}}
+""")
+
+
+def run(spec: Path, *args):
+    from datamill.api import run as dm_run
+
+    return dm_run(spec, *args)
+
+
+def test_lora_trains_only_adapters_and_the_folder_loads_and_generates(write_spec, cached_models, tiny):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = train_spec(write_spec, "      lora: {r: 4, targets: [q_proj, v_proj]}\n      max_steps: 6\n      lr: 0.01\n")
+    result = run(spec)
+    record = result.points[-1].steps["sft"]
+    assert record.stats["trainable_params"] < record.stats["total_params"] / 10
+    base = load_file(str(tiny / "model.safetensors"))
+    tuned = load_file(str(record.model_dir / "model.safetensors"))
+    assert set(base) == set(tuned)  # merged: a plain HF folder, no adapter names
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+    model = AutoModelForCausalLM.from_pretrained(record.model_dir)
+    tok = AutoTokenizer.from_pretrained(record.model_dir)
+    out = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > 1
+    examples = result.table("sft")
+    assert set(examples.columns) >= {"id", "table", "split", "tokens", "loss_tokens", "truncated"}
+    assert examples.height == 120 and (examples["table"] == "tasks").all()
+    log = result.table("sft__log")
+    assert log["step"].to_list() == [1, 2, 3, 4, 5, 6]
+    assert (record.model_dir.parent / "loss_curve.png").stat().st_size > 1000
+
+
+def test_adapter_only_saving(write_spec, cached_models):
+    from transformers import AutoModelForCausalLM
+
+    spec = train_spec(write_spec, "      lora: {r: 4}\n      save: adapter\n      max_steps: 2\n")
+    folder = run(spec).points[-1].steps["sft"].model_dir
+    assert (folder / "adapter_config.json").is_file() and not (folder / "config.json").exists()
+    assert AutoModelForCausalLM.from_pretrained(folder) is not None  # transformers + peft load it over the base
+
+
+def test_a_tiny_model_learns_its_task_family(write_spec, cached_models):
+    """200 steps on arithmetic lower the eval loss on held-out arithmetic rows (a test that can fail)."""
+    spec = train_spec(write_spec, "      max_steps: 200\n      lr: 0.003\n      eval_fraction: 0.1\n"
+                                  "      eval_every: 100\n      warmup: 10\n", n=400)
+    stats = run(spec).points[-1].steps["sft"].stats
+    log = run(spec).table("sft__log")  # cached: the same tables
+    evals = [x for x in log["eval_loss"].to_list() if x is not None]
+    assert len(evals) == 2
+    assert stats["final_eval_loss"] < 0.6 * stats["first_loss"], stats
+    assert stats["eval_examples"] == 40 and stats["packing"] is True
+
+
+def test_spec_errors_for_train(write_spec, cached_models):
+    spec = train_spec(write_spec, "      save: adapter\n")
+    with pytest.raises(SpecError, match="save: adapter needs lora"):
+        run(spec)
+    spec = train_spec(write_spec, "      lorra: {r: 4}\n")
+    with pytest.raises(SpecError, match="did you mean 'lora'"):
+        run(spec)
+    spec = train_spec(write_spec, "      eval_data: nothere\n")
+    with pytest.raises(SpecError, match="undefined table 'nothere'"):
+        run(spec)
+
+
+def test_rows_that_cannot_train_are_rejected_with_a_reason(write_spec, cached_models):
+    spec = write_spec("""
+name: rj
+models: {tiny: builtin:tiny-llama}
+sources:
+  rows: {path: rows.jsonl}
+steps:
+  sft: {train: {model: tiny, data: rows, max_steps: 1, max_len: 40}}
+tracking: {enabled: false}
+""")
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "a question far too long " * 20},
+                          {"role": "assistant", "content": "the answer, cut off"}]}]
+    (spec.parent / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = run(spec)
+    rejected = result.table("sft__rejected")
+    assert rejected["reason"].str.contains("no loss-bearing token within max_len=40").to_list() == [True]
+    assert result.table("sft").height == 1
+
+
+def test_train_metrics_and_loss_curve_reach_mlflow(write_spec, cached_models):
+    from mlflow import MlflowClient
+
+    spec = train_spec(write_spec, "      max_steps: 3\n      goldfish: {k: 4}\n      neftune: {alpha: 5}\n")
+    spec.write_text(spec.read_text().replace("tracking: {enabled: false}\n", ""))
+    result = run(spec)
+    client = MlflowClient(tracking_uri=result.tracking_location)
+    run_data = client.get_run(result.run_id).data
+    for name in ("sft.loss", "sft.lr", "sft.grad_norm", "sft.loss_tokens_per_s", "sft.useful_token_share",
+                 "sft.goldfish_drop_share", "sft.peak_rss_mb"):
+        assert name in run_data.metrics, name
+    assert len(client.get_metric_history(result.run_id, "sft.loss")) == 3
+    assert 0.1 < run_data.metrics["sft.goldfish_drop_share"] < 0.4
+    assert run_data.tags["step.sft.data_digests.tasks"]
+    artifacts = [a.path for a in client.list_artifacts(result.run_id, "sft")]
+    assert "sft/loss_curve.png" in artifacts
+
+
+# --------------------------------------------------------------------------- kill and resume
+
+
+def _final_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(write_spec, cached_models, model_cache, tmp_path):
+    extra = ("      lora: {r: 4, dropout: 0.1}\n      neftune: {alpha: 5}\n      max_steps: 80\n"
+             "      checkpoint_every: 5\n      lr: 0.002\n")
+    spec = train_spec(write_spec, extra, n=200)
+    clean = run(spec).points[-1].steps["sft"]
+
+    other = tmp_path / "killed"
+    other.mkdir()
+    (other / "spec.yaml").write_text(spec.read_text().replace("name: tr", "name: tr2"))
+    env = {**os.environ, "DATAMILL_MODEL_CACHE": str(model_cache), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "datamill.cli", "--quiet", "run", str(other / "spec.yaml")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = other / ".datamill" / "tr2" / "steps" / ".state"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(state.glob("*/checkpoints/step-*")):
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(state.glob("*/checkpoints/step-*")), "no checkpoint was written before the kill"
+
+    resumed = run(other / "spec.yaml").points[-1].steps["sft"]
+    assert resumed.key == clean.key
+    assert 0 < resumed.stats["resumed_from_step"] < 80 and clean.stats["resumed_from_step"] == 0
+    a, b = _final_weights(clean.model_dir), _final_weights(resumed.model_dir)
+    assert set(a) == set(b)
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6, worst
+    assert not list(state.glob("*")), "the state folder is cleaned up once the step is committed"

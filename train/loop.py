@@ -1,0 +1,702 @@
+"""The training loop, top to bottom, on Accelerate.
+
+    train(job)                      in-process, as the `train` step runs it
+    python -m train.loop JOB.json   the same, one process
+    accelerate launch [--config_file ddp.yaml] -m train.loop JOB.json
+                                    several GPUs (DDP; FSDP/DeepSpeed through Accelerate's config)
+
+A job names the tokenised examples (a parquet file the `train` step writes: input_ids, labels,
+table, split), the base model folder, the settings (`TrainConfig`), and two folders: `out_dir`
+(final model, log) and `state_dir` (resume checkpoints, which survive a killed run).
+
+The order of work is a pure function of the seed: every epoch's example order, rows and
+micro-batches are computed up front, so a resumed run only needs the step number to continue
+exactly where it stopped, and every process of a distributed run knows the whole plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from train.config import TrainConfig
+from train.data import IGNORE, Example, collate, epoch_order, micro_batches, pack
+
+CHECKPOINT_FILE = "trainer.pt"
+
+
+@dataclass
+class TrainJob:
+    config: dict  # TrainConfig as JSON
+    model_dir: str  # base model (HF folder)
+    examples: str  # tokenised examples (parquet)
+    out_dir: str  # the final model goes to out_dir/model, metrics to out_dir/log.jsonl
+    state_dir: str  # resume checkpoints and per-epoch states while training
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainJob":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+@dataclass
+class Plan:
+    """All optimizer steps: each a list of micro-batches, each a list of rows of example indices."""
+
+    steps: list[list[list[list[int]]]]
+    epoch_of_step: list[int]  # epoch that the step's last micro-batch belongs to
+    packed: bool
+
+
+def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
+    """Run a job; `log(metrics, step)` receives metrics as they come. Returns the summary stats."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from datamill import progress
+
+    _quiet_libraries()
+    cfg = TrainConfig.model_validate(job.config)
+    out_dir, state_dir = Path(job.out_dir), Path(job.state_dir)
+    started = time.monotonic()
+
+    # --- 1. Accelerator: device, mixed precision, processes ---
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=cfg.device == "cpu")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    set_seed(cfg.seed)
+
+    # --- 2. Data: tokenised examples, their order for every epoch ---
+    examples, tables, split = _load_examples(job.examples)
+    train_idx = [i for i, s in enumerate(split) if s == "train"]
+    eval_idx = [i for i, s in enumerate(split) if s == "eval"]
+    if not train_idx:
+        raise ValueError("no training examples (every row was empty or held out)")
+    train_labels = _training_labels(cfg, examples)
+
+    # --- 3. Model: base, adapters, memory savers ---
+    model, tokenizer = _load_model(cfg, job.model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.to(accelerator.device)
+    packed = _use_packing(cfg, model, accelerator.device)
+    select = _LossPositions(model)  # logits only where a loss is taken, when the model allows it
+
+    params = list(model.parameters())
+    param_counts = {"trainable_params": sum(p.numel() for p in params if p.requires_grad),
+                    "total_params": sum(p.numel() for p in params)}
+    plan = _plan(cfg, examples, train_idx, tables, packed, world)
+    eval_batches = _eval_batches(cfg, examples, eval_idx, packed)
+    total_steps = len(plan.steps)
+
+    # --- 4. Optimizer and schedule ---
+    from transformers import get_scheduler
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    warmup = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
+    scheduler = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # --- 5. Resume from the last checkpoint, if a killed run left one ---
+    history: list[dict] = []
+    start_step = 0
+    checkpoint = _latest_checkpoint(state_dir)
+    if checkpoint is not None:
+        start_step, history = _load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+        if accelerator.is_main_process:
+            progress.console().print(f"  resuming {progress_desc} at step {start_step}/{total_steps} "
+                                     f"from {checkpoint.name}")
+
+    # --- 6. The loop ---
+    neftune_ctx = nullcontext(None)
+    if cfg.neftune is not None:
+        from train.neftune import neftune
+
+        neftune_ctx = neftune(accelerator.unwrap_model(model), cfg.neftune.alpha, cfg.neftune.length)
+    eval_steps = _eval_steps(cfg, plan, bool(eval_batches))
+    timer_start, timer_tokens, timer_loss_tokens = time.monotonic(), 0, 0
+    model.train()
+    with neftune_ctx as noise, progress.bar(progress_desc, total=total_steps, unit="steps") as bar:
+        bar.advance(start_step)
+        for step in range(start_step, total_steps):
+            group = plan.steps[step]
+            step_loss_tokens = sum(_loss_tokens(train_labels, row) for mb in group for row in mb)
+            mine = group[rank::world]
+            loss_sum = torch.zeros((), device=accelerator.device)
+            slots = tokens = 0
+            for i, mb in enumerate(mine):
+                batch = {k: v.to(accelerator.device) for k, v in
+                         collate(mb, examples, train_labels, packed=plan.packed, pad_id=pad_id,
+                                 row_len=cfg.max_len).items()}
+                if noise is not None:
+                    noise.set_batch(batch["seq_len"])
+                sync = accelerator.no_sync(model) if i < len(mine) - 1 else nullcontext()
+                with sync, accelerator.autocast():
+                    ce = _forward_loss(model, batch, select)
+                    # Each micro-batch's summed CE over the step's loss tokens (all processes): the step's
+                    # gradient is the exact per-token mean, however the tokens fall into micro-batches.
+                    accelerator.backward(ce * world / max(step_loss_tokens, 1))
+                loss_sum += ce.detach()
+                slots += batch["input_ids"].numel()
+                tokens += int((batch["seq_len"] > 0).sum())
+            grad_norm = _clip(accelerator, model, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.advance()
+
+            # --- metrics (summed over processes) ---
+            loss_sum, slots, tokens = _sum_over_processes(accelerator, loss_sum, slots, tokens)
+            timer_tokens += tokens
+            timer_loss_tokens += step_loss_tokens
+            done = step + 1
+            row = {"step": done, "epoch": plan.epoch_of_step[step], "loss": loss_sum / max(step_loss_tokens, 1),
+                   "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                   "useful_token_share": step_loss_tokens / max(slots, 1)}
+            if done % cfg.log_every == 0 or done == total_steps:
+                elapsed = max(time.monotonic() - timer_start, 1e-9)
+                row.update(tokens_per_s=timer_tokens / elapsed, loss_tokens_per_s=timer_loss_tokens / elapsed)
+                timer_start, timer_tokens, timer_loss_tokens = time.monotonic(), 0, 0
+            if done in eval_steps:
+                row["eval_loss"] = evaluate_loss(model, eval_batches, examples, pad_id, plan.packed, cfg.max_len,
+                                                 accelerator, select)
+                model.train()
+            history.append(row)
+            if log is not None and accelerator.is_main_process and (done % cfg.log_every == 0 or "eval_loss" in row
+                                                                    or done == total_steps):
+                log({k: v for k, v in row.items() if k != "step"}, done)
+            if cfg.epoch_checkpoints and _epoch_ends(plan, step):
+                _save_epoch_state(state_dir / "epochs" / f"epoch-{plan.epoch_of_step[step] + 1}", accelerator,
+                                  model, optimizer, history, plan.epoch_of_step[step])
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps:
+                _save_checkpoint(state_dir, done, accelerator, model, optimizer, scheduler, history,
+                                 keep=cfg.keep_checkpoints)
+    select.remove()
+
+    # --- 7. Save the final model (an HF folder), the log, the per-epoch states ---
+    accelerator.wait_for_everyone()
+    summary = {}
+    if accelerator.is_main_process:
+        _save_model(cfg, accelerator.unwrap_model(model), tokenizer, out_dir / "model")
+        _write_jsonl(out_dir / "log.jsonl", history)
+        if (state_dir / "epochs").is_dir():
+            shutil.copytree(state_dir / "epochs", out_dir / "epochs", dirs_exist_ok=True)
+        summary = _summary(cfg, history, examples, train_labels, train_idx, eval_idx, packed, select,
+                           total_steps, time.monotonic() - started, accelerator, start_step) | param_counts
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return summary
+
+
+# --------------------------------------------------------------------------- losses
+
+
+class _LossPositions:
+    """Compute logits only at positions that carry a loss.
+
+    A forward pre-hook on the output layer hands it the hidden states of the selected positions
+    alone ([N, hidden] instead of [B, T, hidden]): with assistant-only loss and a 49k vocabulary
+    this skips most of the lm_head and softmax work and memory. The forward still goes through
+    the (possibly DDP-wrapped) model, so gradient sync is untouched. Models whose output layer is
+    not a plain projection fall back to full logits; `_check_loss_positions` decides."""
+
+    def __init__(self, model):
+        self.positions = None  # bool [B, T-1]: position t predicts labels[:, t+1]
+        self.enabled = False
+        head = model.get_output_embeddings()
+        self.handle = head.register_forward_pre_hook(self._hook) if head is not None else None
+        if self.handle is not None:
+            self.enabled = _check_loss_positions(model, self)
+
+    def _hook(self, module, args):
+        if not self.enabled or self.positions is None:
+            return None
+        hidden = args[0]
+        return (hidden[:, :-1][self.positions],) + tuple(args[1:])
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def _forward_loss(model, batch, select: _LossPositions):
+    """Summed cross-entropy over the batch's loss-bearing tokens."""
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    positions = labels[:, 1:] != IGNORE
+    targets = labels[:, 1:][positions]
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    select.positions = positions if select.enabled else None
+    try:
+        logits = model(**inputs, use_cache=False).logits
+    finally:
+        select.positions = None
+    if logits.dim() == 3:  # full logits: pick the loss positions here
+        logits = logits[:, :-1][positions]
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def _check_loss_positions(model, select: _LossPositions) -> bool:
+    """Do selected-position logits equal the full logits at those positions? (A model with a
+    non-linear head or one that reshapes logits would differ or fail: then use full logits.)"""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.arange(3, 19, device=device).unsqueeze(0) % max(model.config.vocab_size, 19)
+    positions = torch.zeros(1, ids.shape[1] - 1, dtype=torch.bool, device=device)
+    positions[0, 5:11] = True
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=False).logits[:, :-1][positions]
+            select.enabled, select.positions = True, positions
+            picked = model(input_ids=ids, use_cache=False).logits
+        return picked.shape == full.shape and torch.allclose(picked.float(), full.float(), atol=1e-4, rtol=1e-4)
+    except Exception:
+        return False
+    finally:
+        select.enabled, select.positions = False, None
+        model.train(was_training)
+
+
+def evaluate_loss(model, batches, examples, pad_id, packed, max_len, accelerator=None, select=None) -> float:
+    """Mean per-token cross-entropy on held-out batches: eval mode (no dropout, no NEFTune), all
+    loss-bearing tokens (no goldfish)."""
+    import torch
+
+    model.eval()
+    labels = [e.labels for e in examples]
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    no_select = select or _NoSelect()
+    with torch.no_grad():
+        for mb in batches:
+            batch = {k: v.to(device) for k, v in collate(mb, examples, labels, packed=packed, pad_id=pad_id,
+                                                         row_len=max_len).items()}
+            ctx = accelerator.autocast() if accelerator is not None else nullcontext()
+            with ctx:
+                total += _forward_loss(model, batch, no_select).double().cpu()
+            count += int((batch["labels"][:, 1:] != IGNORE).sum())
+    return float(total / max(count, 1))
+
+
+class _NoSelect:
+    enabled = False
+    positions = None
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def _use_packing(cfg: TrainConfig, model, device) -> bool:
+    if cfg.packing == "off":
+        return False
+    supported = packing_supported(model, device)
+    if cfg.packing == "on" and not supported:
+        raise ValueError(f"packing: on, but {type(model).__name__} does not keep packed examples apart "
+                         "(its logits change when another example shares the row); use packing: auto or off")
+    return supported
+
+
+def packing_supported(model, device=None) -> bool:
+    """Two short sequences packed in one row with restarting position ids must give the same
+    logits as each sequence alone: then the model builds a block-diagonal mask from them."""
+    import torch
+
+    device = device or next(model.parameters()).device
+    vocab = model.config.vocab_size
+    a = torch.arange(5, 12, device=device) % vocab
+    b = torch.arange(20, 29, device=device) % vocab
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = torch.cat([model(input_ids=x[None], use_cache=False).logits[0] for x in (a, b)])
+            row = torch.cat([a, b])[None]
+            pos = torch.cat([torch.arange(len(a)), torch.arange(len(b))]).to(device)[None]
+            together = model(input_ids=row, position_ids=pos, use_cache=False).logits[0]
+        return torch.allclose(alone.float(), together.float(), atol=1e-4, rtol=1e-4)
+    except Exception:
+        return False
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def _plan(cfg: TrainConfig, examples: list[Example], train_idx: list[int], tables: list[int], packed: bool,
+          world: int) -> Plan:
+    """Every optimizer step's micro-batches, for all epochs, from the seed alone."""
+    by_table: dict[int, list[int]] = {}
+    for i in train_idx:
+        by_table.setdefault(tables[i], []).append(i)
+    table_ids = sorted(by_table)
+    weights = None
+    if cfg.weights() is not None:
+        names = cfg.tables()
+        weights = [cfg.weights()[names[t]] for t in table_ids]
+    sizes = [len(by_table[t]) for t in table_ids]
+    lengths = [len(e.input_ids) for e in examples]
+    per_step = cfg.grad_accum * world
+
+    def epoch_batches(epoch: int) -> list:
+        order = [by_table[table_ids[t]][r] for t, r in epoch_order(sizes, weights, cfg.seed, epoch)]
+        if packed:
+            rows = [[order[j] for j in row] for row in pack([lengths[i] for i in order], cfg.max_len)]
+        else:
+            rows = [[i] for i in order]
+        return micro_batches(rows, lengths, packed=packed, max_len=cfg.max_len, batch_size=cfg.batch_size,
+                             batch_tokens=cfg.batch_tokens, seed=cfg.seed * 7919 + epoch)
+
+    batches: list = []
+    epoch_of: list[int] = []
+    epoch = 0
+    first = epoch_batches(0)
+    wanted = (cfg.max_steps * per_step) if cfg.max_steps else max(1, round(cfg.epochs * len(first)))
+    while len(batches) < wanted:
+        mbs = first if epoch == 0 else epoch_batches(epoch)
+        take = mbs[: wanted - len(batches)]
+        batches.extend(take)
+        epoch_of.extend([epoch] * len(take))
+        epoch += 1
+    steps = [batches[s:s + per_step] for s in range(0, len(batches), per_step)]
+    epoch_of_step = [epoch_of[min(s + per_step, len(batches)) - 1] for s in range(0, len(batches), per_step)]
+    return Plan(steps=steps, epoch_of_step=epoch_of_step, packed=packed)
+
+
+def _eval_batches(cfg: TrainConfig, examples, eval_idx: list[int], packed: bool) -> list:
+    if not eval_idx:
+        return []
+    lengths = [len(e.input_ids) for e in examples]
+    if packed:
+        rows = [[eval_idx[j] for j in row] for row in pack([lengths[i] for i in eval_idx], cfg.max_len)]
+    else:
+        rows = [[i] for i in eval_idx]
+    return micro_batches(rows, lengths, packed=packed, max_len=cfg.max_len, batch_size=cfg.batch_size,
+                         batch_tokens=cfg.batch_tokens, seed=0)
+
+
+def _eval_steps(cfg: TrainConfig, plan: Plan, has_eval: bool) -> set[int]:
+    if not has_eval:
+        return set()
+    total = len(plan.steps)
+    if cfg.eval_every:
+        return set(range(cfg.eval_every, total + 1, cfg.eval_every)) | {total}
+    return {s + 1 for s in range(total) if _epoch_ends(plan, s)} | {total}
+
+
+def _epoch_ends(plan: Plan, step: int) -> bool:
+    return step == len(plan.steps) - 1 or plan.epoch_of_step[step + 1] != plan.epoch_of_step[step]
+
+
+def _loss_tokens(labels: list[list[int]], row: list[int]) -> int:
+    return sum(sum(1 for x in labels[i][1:] if x != IGNORE) for i in row)
+
+
+def _training_labels(cfg: TrainConfig, examples: list[Example]) -> list[list[int]]:
+    """Labels as training sees them: goldfish drops applied per example (eval uses the originals)."""
+    if cfg.goldfish is None:
+        return [e.labels for e in examples]
+    from train.goldfish import apply_goldfish
+
+    g = cfg.goldfish
+    return [apply_goldfish(e.input_ids, e.labels, k=g.k, h=g.h, strategy=g.strategy, start=g.start)[0]
+            for e in examples]
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _quiet_libraries() -> None:
+    """transformers' per-load progress bars and peft's deprecation chatter drown our own bar."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def _mixed_precision(cfg: TrainConfig) -> str:
+    if cfg.precision != "auto":
+        return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+    import torch
+
+    if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _load_model(cfg: TrainConfig, model_dir: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    kwargs = {"dtype": torch.float32}
+    if cfg.lora is not None and cfg.lora.quantize != "none":
+        kwargs = _quantized_kwargs(cfg.lora.quantize)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        if cfg.lora.quantize != "none":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        elif cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        lora = cfg.lora
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=lora.targets, task_type="CAUSAL_LM"))
+    return model, tokenizer
+
+
+def _quantized_kwargs(bits: str) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"lora.quantize: {bits} (QLoRA) needs a CUDA GPU; on this machine use quantize: none")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError(f"lora.quantize: {bits} needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if bits == "4bit":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": quant, "dtype": torch.bfloat16}
+
+
+def _save_model(cfg: TrainConfig, model, tokenizer, folder: Path) -> None:
+    """An HF folder: merged weights (LoRA merged into the base) or the adapter alone."""
+    if cfg.lora is not None and cfg.save == "merged":
+        model = model.merge_and_unload()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _clip(accelerator, model, max_norm):
+    import torch
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm is not None:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params]))) \
+        if params else 0.0
+
+
+def _sum_over_processes(accelerator, loss_sum, slots: int, tokens: int):
+    import torch
+
+    packed = torch.tensor([float(loss_sum), slots, tokens], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        packed = accelerator.reduce(packed, reduction="sum")
+    loss, slots, tokens = packed.tolist()
+    return loss, int(slots), int(tokens)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _latest_checkpoint(state_dir: Path) -> Path | None:
+    folder = state_dir / "checkpoints"
+    found = sorted(folder.glob("step-*")) if folder.is_dir() else []
+    found = [f for f in found if (f / CHECKPOINT_FILE).is_file()]
+    return found[-1] if found else None
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trainable_state(accelerator, model) -> dict:
+    """Only what trains (adapters under LoRA): a 7B LoRA checkpoint is megabytes, not gigabytes."""
+    model = accelerator.unwrap_model(model)
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(state_dir: Path, step: int, accelerator, model, optimizer, scheduler, history, keep: int):
+    """Everything needed to continue exactly: trainable weights, optimizer, schedule, RNG, position.
+    Written to a temp folder and renamed, so a kill leaves the previous checkpoint intact."""
+    import torch
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        folder = state_dir / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        torch.save({"step": step, "weights": _trainable_state(accelerator, model),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(), "history": history}, tmp / CHECKPOINT_FILE)
+        final = folder / f"step-{step:08d}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(folder.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler) -> tuple[int, list[dict]]:
+    import torch
+
+    state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    params = dict(accelerator.unwrap_model(model).named_parameters())
+    with torch.no_grad():
+        for name, value in state["weights"].items():
+            params[name].copy_(value.to(params[name].device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return int(state["step"]), list(state["history"])
+
+
+def _save_epoch_state(folder: Path, accelerator, model, optimizer, history: list[dict], epoch: int) -> None:
+    """Weights and Adam moments by parameter name at the end of an epoch, plus the epoch's mean
+    learning rate: what LESS needs to compute Adam-aware gradient features per checkpoint."""
+    import torch
+
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    names = {id(p): n for n, p in unwrapped.named_parameters() if p.requires_grad}
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    moments = {}
+    for group in inner.param_groups:
+        for p in group["params"]:
+            st = inner.state.get(p, {})
+            if id(p) in names and "exp_avg" in st:
+                moments[names[id(p)]] = {"exp_avg": st["exp_avg"].cpu().clone(),
+                                         "exp_avg_sq": st["exp_avg_sq"].cpu().clone()}
+    lrs = [r["lr"] for r in history if r["epoch"] == epoch]
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"weights": _trainable_state(accelerator, model), "moments": moments}, tmp / "state.pt")
+    (tmp / "epoch.json").write_text(json.dumps({"epoch": epoch + 1, "mean_lr": sum(lrs) / max(len(lrs), 1),
+                                                "step": history[-1]["step"] if history else 0}))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+# --------------------------------------------------------------------------- inputs and outputs
+
+
+def _load_examples(path: str):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["input_ids", "labels", "truncated", "table", "split"]).to_pydict()
+    examples = [Example(list(i), list(l), bool(t)) for i, l, t in
+                zip(table["input_ids"], table["labels"], table["truncated"])]
+    return examples, table["table"], table["split"]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def _peak_memory_mb(accelerator) -> dict:
+    import resource
+
+    import torch
+
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if accelerator.device.type == "cuda":
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def _summary(cfg, history, examples, train_labels, train_idx, eval_idx, packed, select, total_steps,
+             seconds, accelerator, resumed_from) -> dict:
+    original = sum(sum(1 for x in examples[i].labels[1:] if x != IGNORE) for i in train_idx)
+    kept = sum(sum(1 for x in train_labels[i][1:] if x != IGNORE) for i in train_idx)
+    losses = [r["loss"] for r in history]
+    evals = [r["eval_loss"] for r in history if "eval_loss" in r]
+    out = {
+        "steps": total_steps,
+        "epochs": history[-1]["epoch"] + 1 if history else 0,
+        "train_examples": len(train_idx),
+        "eval_examples": len(eval_idx),
+        "truncated_examples": sum(1 for i in train_idx if examples[i].truncated),
+        "packing": packed,
+        "loss_positions_only": select.enabled,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
+        "final_eval_loss": evals[-1] if evals else None,
+        "first_eval_loss": evals[0] if evals else None,
+        "train_seconds": round(seconds, 2),
+        "mixed_precision": _mixed_precision(cfg),
+        "device": str(accelerator.device),
+        "processes": accelerator.num_processes,
+        "resumed_from_step": resumed_from,
+    }
+    rates = [r["loss_tokens_per_s"] for r in history if "loss_tokens_per_s" in r]
+    if rates:
+        out["loss_tokens_per_s"] = round(sum(rates) / len(rates), 1)
+        out["tokens_per_s"] = round(sum(r["tokens_per_s"] for r in history if "tokens_per_s" in r) / len(rates), 1)
+    if cfg.goldfish is not None:
+        out["goldfish_drop_share"] = round(1 - kept / max(original, 1), 4)
+    out.update(_peak_memory_mb(accelerator))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m train.loop JOB.json   (or: accelerate launch -m train.loop JOB.json)",
+              file=sys.stderr)
+        return 2
+    train(TrainJob.load(Path(args[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""`train`: fine-tune a causal LM on instruction tables; the output is an HF model folder.
+
+The step tokenises its tables (chat template, loss mask; cached in the workspace's shared folder
+by table digest and tokenizer, so a sweep over learning rates tokenises once), holds out an eval
+split, runs `train.loop.train`, and writes:
+
+    model/            the fine-tuned model (save_pretrained + tokenizer), what later steps load
+    tables/main       one row per example: id, table, split, tokens, loss_tokens, truncated
+    tables/log        one row per optimizer step: loss, lr, grad_norm, tokens/s, eval_loss, ...
+    tables/rejected   rows that cannot train (no assistant turn, nothing left after truncation)
+    loss_curve.png    train and eval loss (also logged to MLflow)
+
+A killed run resumes from its last checkpoint (`checkpoint_every`) in the step's state folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from datamill.errors import DatamillError, FieldError
+from datamill.step import Step
+from train.config import EXECUTION_ONLY, TrainConfig
+
+TOKENS_VERSION = "1"  # bump when tokenisation changes: cached token files are then rebuilt
+
+
+class TrainStep(Step):
+    """Fine-tune a model (LoRA or full) with packing, goldfish loss and NEFTune; resumable."""
+
+    kind = "train"
+    Config = TrainConfig
+    version = "1"
+    produces_model = True
+    side_tables = ("log", "rejected")
+
+    def input_tables(self):
+        cfg = self.config
+        tables = [(("data",) if isinstance(cfg.data, str) else ("data", t), t) for t in cfg.tables()]
+        if cfg.eval_data:
+            tables.append((("eval_data",), cfg.eval_data))
+        return tables
+
+    def model_refs(self):
+        return [(("model",), self.config.model)]
+
+    def check(self, env) -> None:
+        cfg = self.config
+        if len(set(cfg.tables())) != len(cfg.tables()):
+            raise FieldError("data", "a table is listed twice; give it a larger mixture weight instead")
+        if cfg.weights() is not None and not any(w > 0 for w in cfg.weights().values()):
+            raise FieldError("data", "mixture weights must include a positive one")
+        if cfg.eval_data in cfg.tables():
+            raise FieldError("eval_data", f"'{cfg.eval_data}' is also a training table: hold out a separate table")
+
+    def key_config(self) -> dict:
+        config = self.config.model_dump(mode="json")
+        for name in EXECUTION_ONLY:
+            config.pop(name)
+        return config
+
+    # --- running ---------------------------------------------------------------------------
+
+    def run(self, ctx) -> None:
+        import polars as pl
+
+        from train.loop import TrainJob, train
+
+        cfg = self.config
+        model_dir = Path(ctx.model_path(cfg.model))
+        examples, rejected = self._tokenise(ctx, model_dir)
+        if not examples.filter(pl.col("split") == "train").height:
+            raise DatamillError(f"no trainable rows in {', '.join(cfg.tables())} "
+                                f"({rejected.height} rejected: see {ctx.name}__rejected)")
+        state = Path(ctx.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        tokens_file = state / "examples.parquet"
+        _write_parquet_atomic(examples, tokens_file)
+
+        job = TrainJob(config=cfg.model_dump(mode="json"), model_dir=str(model_dir), examples=str(tokens_file),
+                       out_dir=str(ctx.out_dir), state_dir=str(state))
+        summary = train(job, log=ctx.log_metrics, progress_desc=f"{ctx.name}: train")
+
+        history = _read_jsonl(Path(ctx.out_dir) / "log.jsonl")
+        ctx.write(examples.drop("input_ids", "labels", "table").rename({"table_name": "table"}))
+        ctx.write(pl.DataFrame(history, infer_schema_length=None), "log")
+        ctx.reject(rejected)
+        ctx.stats.update(summary)
+        ctx.stats["data_digests"] = {t: _digest(ctx.input_path(t)) for t in cfg.tables()}
+        plot = Path(ctx.out_dir) / "loss_curve.png"
+        _loss_plot(history, plot, title=f"{ctx.name}: {Path(cfg.model).name if '/' in cfg.model else cfg.model}")
+        ctx.log_artifact(plot)
+        if cfg.log_model:
+            ctx.log_artifact(Path(ctx.model_dir), "model")
+
+    def _tokenise(self, ctx, model_dir: Path):
+        """All rows of all tables as tokenised examples (+ rejected rows), through the token cache."""
+        import polars as pl
+
+        cfg = self.config
+        parts, rejected = [], []
+        sources = [(t, "train") for t in cfg.tables()] + ([(cfg.eval_data, "eval")] if cfg.eval_data else [])
+        for index, (table, split) in enumerate(sources):
+            tokens, bad = self._tokenise_table(ctx, model_dir, table)
+            parts.append(tokens.with_columns(pl.lit(index if split == "train" else -1, pl.Int64).alias("table"),
+                                             pl.lit(table).alias("table_name"), pl.lit(split).alias("split")))
+            rejected.append(bad.with_columns(pl.lit(table).alias("table_name")))
+        examples = pl.concat(parts, how="vertical")
+        if cfg.eval_fraction and not cfg.eval_data:
+            examples = _hold_out(examples, cfg.eval_fraction, cfg.seed)
+        return examples, pl.concat(rejected, how="vertical")
+
+    def _tokenise_table(self, ctx, model_dir: Path, table: str):
+        import polars as pl
+        from transformers import AutoTokenizer
+
+        from datamill import progress
+        from datamill.records import is_messages_column
+        from train.data import TemplateError, encode
+
+        cfg = self.config
+        path = ctx.input_path(table)
+        cache_key = hashlib.sha256("|".join([
+            TOKENS_VERSION, _digest(path), _tokenizer_fingerprint(model_dir), cfg.column, cfg.loss_on,
+            str(cfg.max_len)]).encode()).hexdigest()[:24]
+        cache = Path(ctx.shared_dir) / "train-tokens" / f"{cache_key}.parquet"
+        cached_bad = cache.with_suffix(".rejected.parquet")
+        if cache.is_file() and cached_bad.is_file():
+            return pl.read_parquet(cache), pl.read_parquet(cached_bad)
+
+        df = ctx.read(table)
+        if cfg.column not in df.columns:
+            raise DatamillError(f"table '{table}' has no column '{cfg.column}' (columns: {', '.join(df.columns)}); "
+                                "set `column:` to the conversation or text column")
+        conversational = is_messages_column(df, cfg.column)
+        if not conversational and cfg.loss_on != "all":
+            raise DatamillError(f"column '{cfg.column}' of '{table}' holds plain text, which has no assistant "
+                                f"turns: set `loss_on: all` to train on every token")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        ids = df["id"].to_list() if "id" in df.columns else [f"{table}:{i}" for i in range(df.height)]
+        rows, bad = [], []
+        for row_id, value in zip(ids, progress.track(df[cfg.column].to_list(), f"{ctx.name}: tokenise {table}")):
+            reason = _unusable(value, conversational, cfg.loss_on)
+            if reason is None:
+                try:
+                    ex = encode(tokenizer, value, cfg.loss_on, cfg.max_len)
+                except TemplateError as e:
+                    raise DatamillError(f"table '{table}': {e}") from None
+                loss_tokens = sum(1 for x in ex.labels if x != -100)
+                if loss_tokens == 0:
+                    reason = (f"no loss-bearing token within max_len={cfg.max_len} tokens "
+                              f"(the example has {len(ex.input_ids)}+ tokens of prompt)")
+                else:
+                    rows.append({"id": row_id, "input_ids": ex.input_ids, "labels": ex.labels,
+                                 "tokens": len(ex.input_ids), "loss_tokens": loss_tokens,
+                                 "truncated": ex.truncated})
+                    continue
+            bad.append({"id": row_id, "reason": reason})
+        schema = {"id": pl.String, "input_ids": pl.List(pl.Int32), "labels": pl.List(pl.Int32),
+                  "tokens": pl.Int64, "loss_tokens": pl.Int64, "truncated": pl.Boolean}
+        tokens = pl.DataFrame(rows, schema=schema)
+        bad_df = pl.DataFrame(bad, schema={"id": pl.String, "reason": pl.String})
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        _write_parquet_atomic(bad_df, cached_bad)
+        _write_parquet_atomic(tokens, cache)
+        return tokens, bad_df
+
+
+def _unusable(value, conversational: bool, loss_on: str) -> str | None:
+    if value is None:
+        return "empty row (null)"
+    if not conversational:
+        return None if str(value).strip() else "empty text"
+    if not value:
+        return "no messages"
+    if loss_on != "all" and not any(m["role"] == "assistant" and m["content"] for m in value):
+        return "no assistant turn to learn from"
+    return None
+
+
+def _hold_out(examples, fraction: float, seed: int):
+    """Mark round(fraction * n) training rows (at least one) as eval, chosen by a hash of (seed, id):
+    the same row is held out whatever the table's order."""
+    import polars as pl
+
+    train = examples.filter(pl.col("split") == "train")
+    n = max(1, round(fraction * train.height))
+    score = [(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest(), k) for k, i in enumerate(train["id"].to_list())]
+    held = set(sorted(range(train.height), key=lambda k: score[k])[:n])
+    is_eval = pl.Series([k in held for k in range(train.height)])
+    train = train.with_columns(split=pl.when(is_eval).then(pl.lit("eval")).otherwise(pl.lit("train")),
+                               table=pl.when(is_eval).then(pl.lit(-1, pl.Int64)).otherwise(pl.col("table")))
+    return pl.concat([train, examples.filter(pl.col("split") != "train")], how="vertical")
+
+
+def _tokenizer_fingerprint(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                 "tokenizer.model"):
+        f = model_dir / name
+        if f.is_file():
+            h.update(name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _digest(path: Path) -> str:
+    from datamill.hashing import hash_file
+
+    return hash_file(path)[:32]
+
+
+def _write_parquet_atomic(df, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    df.write_parquet(tmp)
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _loss_plot(history: list[dict], path: Path, title: str) -> None:
+    from datamill.plots import line_plot
+
+    series = {"train loss": ([r["step"] for r in history], [r["loss"] for r in history])}
+    evals = [r for r in history if "eval_loss" in r]
+    if evals:
+        series["eval loss"] = ([r["step"] for r in evals], [r["eval_loss"] for r in evals])
+    line_plot(path, series, title=title, xlabel="optimizer step", ylabel="cross-entropy (nats/token)")
