@@ -88,3 +88,18 @@ def tracker_class(name: str = "mlflow"):
     if name not in eps:
         raise SpecError(f"no tracker '{name}' is installed{did_you_mean(name, eps)}")
     return eps[name].load()
+
+
+def function(name: str):
+    """A function one stage offers the others (entry-point group `datamill.functions`), so that
+    stages never import each other: e.g. LESS warms up with `registry.function("fine_tune")`.
+    See each stage's pyproject entry for what is offered."""
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep for ep in entry_points(group="datamill.functions")}
+    if name not in eps:
+        from datamill.errors import DatamillError
+
+        raise DatamillError(f"no stage offers the function '{name}'{did_you_mean(name, eps)} "
+                            f"(offered: {', '.join(sorted(eps)) or 'none'}); is datamill installed (pip install -e .)?")
+    return eps[name].load()

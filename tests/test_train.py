@@ -388,3 +388,46 @@ def test_kill_and_resume_gives_the_weights_of_an_uninterrupted_run(write_spec, c
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= 1e-6, worst
     assert not list(state.glob("*")), "the state folder is cleaned up once the step is committed"
+
+
+# --------------------------------------------------------------------------- other ways in
+
+
+def test_fine_tune_through_the_registry_keeps_per_epoch_states(tiny, tmp_path):
+    """What LESS uses: a LoRA warmup with the weights, Adam moments and mean lr of every epoch."""
+    from datamill.registry import function
+
+    convs = [[{"role": "user", "content": f"{a} + {a}?"}, {"role": "assistant", "content": str(2 * a)}]
+             for a in range(12)]
+    result = function("fine_tune")(tiny, convs, tmp_path / "out", state_dir=tmp_path / "state", lora={"r": 4},
+                                   epochs=2, batch_size=2, max_len=64, packing="off", epoch_checkpoints=True,
+                                   checkpoint_every=None)
+    assert [s["epoch"] for s in result["epoch_states"]] == [1, 2]
+    assert result["epoch_states"][0]["mean_lr"] > result["epoch_states"][1]["mean_lr"] > 0  # decaying
+    state = torch.load(Path(result["epoch_states"][0]["path"]) / "state.pt", weights_only=False)
+    assert state["moments"] and all("lora_" in name for name in state["moments"])
+    assert set(state["moments"]) == set(state["weights"])
+    assert (Path(result["model_dir"]) / "config.json").is_file()
+    encoded = function("encode_examples")(tiny, convs[:1], max_len=64)
+    assert encoded[0].labels.count(-100) < len(encoded[0].labels)
+
+
+def test_the_loop_runs_as_a_script_for_accelerate_launch(tiny, tokenizer, tmp_path):
+    """`accelerate launch -m train.loop JOB.json` runs the same file; here one plain process."""
+    import polars as pl
+
+    from train.data import encode
+    from train.loop import TrainJob
+
+    examples = [encode(tokenizer, CONVERSATION, "assistant", 128)] * 4
+    pl.DataFrame({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples],
+                  "truncated": [False] * 4, "table": [0] * 4, "split": ["train"] * 4}).write_parquet(tmp_path / "ex.parquet")
+    job = TrainJob(config={"model": str(tiny), "data": "x", "max_steps": 2, "batch_size": 2, "max_len": 128},
+                   model_dir=str(tiny), examples=str(tmp_path / "ex.parquet"), out_dir=str(tmp_path / "out"),
+                   state_dir=str(tmp_path / "state"))
+    job.save(tmp_path / "job.json")
+    out = subprocess.run([sys.executable, "-m", "train.loop", str(tmp_path / "job.json")], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 2
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()

@@ -555,7 +555,9 @@ def _set_rng_state(state: dict) -> None:
 def _trainable_state(accelerator, model) -> dict:
     """Only what trains (adapters under LoRA): a 7B LoRA checkpoint is megabytes, not gigabytes."""
     model = accelerator.unwrap_model(model)
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # No copy on CPU (torch.save writes the storage as it is): a full fine-tune's checkpoint must
+    # not hold a second set of weights in memory.
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _save_checkpoint(state_dir: Path, step: int, accelerator, model, optimizer, scheduler, history, keep: int):
@@ -610,8 +612,7 @@ def _save_epoch_state(folder: Path, accelerator, model, optimizer, history: list
         for p in group["params"]:
             st = inner.state.get(p, {})
             if id(p) in names and "exp_avg" in st:
-                moments[names[id(p)]] = {"exp_avg": st["exp_avg"].cpu().clone(),
-                                         "exp_avg_sq": st["exp_avg_sq"].cpu().clone()}
+                moments[names[id(p)]] = {"exp_avg": st["exp_avg"].cpu(), "exp_avg_sq": st["exp_avg_sq"].cpu()}
     lrs = [r["lr"] for r in history if r["epoch"] == epoch]
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
