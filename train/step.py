@@ -80,6 +80,7 @@ class TrainStep(Step):
 
         job = TrainJob(config=cfg.model_dump(mode="json"), model_dir=str(model_dir), examples=str(tokens_file),
                        out_dir=str(ctx.out_dir), state_dir=str(state))
+        job.save(state / "job.json")  # the same job runs under `accelerate launch -m train.loop job.json`
         summary = train(job, log=ctx.log_metrics, progress_desc=f"{ctx.name}: train")
 
         history = _read_jsonl(Path(ctx.out_dir) / "log.jsonl")
