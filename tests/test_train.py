@@ -431,3 +431,45 @@ def test_the_loop_runs_as_a_script_for_accelerate_launch(tiny, tokenizer, tmp_pa
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 2
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+
+
+def _job(tmp_path, tiny, tokenizer, name: str, **config) -> Path:
+    import polars as pl
+
+    from train.data import encode
+    from train.loop import TrainJob
+
+    convs = [[{"role": "user", "content": f"What is {a} times 3?"}, {"role": "assistant", "content": f"{a * 3}."}]
+             for a in range(24)]
+    examples = [encode(tokenizer, c, "assistant", 64) for c in convs]
+    data = tmp_path / "examples.parquet"
+    pl.DataFrame({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples],
+                  "truncated": [False] * len(examples), "table": [0] * len(examples),
+                  "split": ["train"] * len(examples)}).write_parquet(data)
+    job = TrainJob(config={"model": str(tiny), "data": "x", "max_len": 64, "batch_size": 2, "lr": 0.01, **config},
+                   model_dir=str(tiny), examples=str(data), out_dir=str(tmp_path / name / "out"),
+                   state_dir=str(tmp_path / name / "state"))
+    job.save(tmp_path / f"{name}.json")
+    return tmp_path / f"{name}.json"
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny, tokenizer, tmp_path):
+    """torchrun (what `accelerate launch` runs) with 2 CPU processes x 2 micro-batches per step
+    gives the weights of 1 process x 4: every process knows the plan and the step's token count."""
+    settings = {"max_steps": 4, "lora": {"r": 4, "dropout": 0.0}, "packing": "off", "checkpoint_every": None}
+    ddp = _job(tmp_path, tiny, tokenizer, "ddp", grad_accum=2, **settings)
+    one = _job(tmp_path, tiny, tokenizer, "one", grad_accum=4, **settings)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "train.loop", str(ddp)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = subprocess.run([sys.executable, "-m", "train.loop", str(one)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "out" / "summary.json").read_text())["processes"] == 2
+    a = _final_weights(tmp_path / "ddp" / "out" / "model")
+    b = _final_weights(tmp_path / "one" / "out" / "model")
+    base = _final_weights(tiny)
+    assert max(float((a[k] - base[k]).abs().max()) for k in a) > 1e-4  # it trained
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
