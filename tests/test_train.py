@@ -128,6 +128,19 @@ def test_packed_batch_loss_equals_sum_of_per_example_losses(tiny, tokenizer):
             select.remove()
 
 
+def test_packing_fills_rows_without_losing_or_splitting_examples():
+    import random
+
+    from train.data import pack
+
+    lengths = [random.Random(i).randint(20, 400) for i in range(5000)]
+    rows = pack(lengths, max_len=1024)
+    assert sorted(i for row in rows for i in row) == list(range(5000))
+    assert all(sum(lengths[i] for i in row) <= 1024 for row in rows)
+    assert sum(lengths) / (len(rows) * 1024) > 0.97  # rows come out nearly full
+    assert pack([1024, 5, 1024], 1024) == [[0], [2], [1]]
+
+
 def test_padded_batches_group_similar_lengths_and_respect_the_token_budget():
     from train.data import micro_batches
 
@@ -473,3 +486,34 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny, tok
     base = _final_weights(tiny)
     assert max(float((a[k] - base[k]).abs().max()) for k in a) > 1e-4  # it trained
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+@pytest.mark.slow
+def test_full_fine_tune_of_smollm2_at_seq_512_fits_in_4_gib(tmp_path):
+    """135M parameters, all trained, rows of 512 tokens, a checkpoint on the way: peak RSS < 4 GiB."""
+    from datamill.models import resolve_model
+
+    cache = Path(os.environ.get("DATAMILL_MODEL_CACHE", tmp_path / "models"))
+    smol = resolve_model("builtin:smollm2-135m-instruct", base_dir=Path("."), cache_dir=cache)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol)
+    job = _job(tmp_path, smol, tok, "mem", max_steps=3, checkpoint_every=2, lr=2e-5, loss_on="all")
+    config = json.loads(job.read_text())
+    config["config"].update(max_len=512, batch_size=2, gradient_checkpointing=True)
+    # long rows: every example is a 500-token text
+    import polars as pl
+
+    from train.data import encode
+
+    text = " ".join(f"word{i}" for i in range(400))
+    ex = encode(tok, text, "all", 512)
+    pl.DataFrame({"input_ids": [ex.input_ids] * 8, "labels": [ex.labels] * 8, "truncated": [True] * 8,
+                  "table": [0] * 8, "split": ["train"] * 8}).write_parquet(config["examples"])
+    job.write_text(json.dumps(config))
+    out = subprocess.run([sys.executable, "-m", "train.loop", str(job)], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "mem" / "out" / "summary.json").read_text())
+    assert summary["trainable_params"] == summary["total_params"] > 130e6
+    assert summary["peak_rss_mb"] < 4096, summary

@@ -7,6 +7,7 @@ packed row never asks one example to predict the next one's first token.
 
 from __future__ import annotations
 
+import bisect
 import random
 from dataclasses import dataclass
 
@@ -114,23 +115,22 @@ def pack(lengths: list[int], max_len: int, window: int = 512) -> list[list[int]]
     """Group example indices into rows of at most max_len tokens.
 
     Best-fit decreasing inside consecutive windows of the (already shuffled) order: rows come out
-    ~full while the data order stays random at the scale of a window."""
+    ~full while the data order stays random at the scale of a window. Free room is kept sorted,
+    so each example finds the tightest row that fits in O(log rows)."""
     rows: list[list[int]] = []
     for start in range(0, len(lengths), window):
         chunk = sorted(range(start, min(start + window, len(lengths))), key=lambda i: -lengths[i])
         bins: list[list[int]] = []
-        free: list[int] = []
+        rooms: list[tuple[int, int]] = []  # (free tokens, bin index), ascending
         for i in chunk:
-            best = None
-            for b, room in enumerate(free):
-                if room >= lengths[i] and (best is None or room < free[best]):
-                    best = b
-            if best is None:
+            j = bisect.bisect_left(rooms, (lengths[i], -1))
+            if j == len(rooms):
                 bins.append([i])
-                free.append(max_len - lengths[i])
+                bisect.insort(rooms, (max_len - lengths[i], len(bins) - 1))
             else:
-                bins[best].append(i)
-                free[best] -= lengths[i]
+                room, b = rooms.pop(j)
+                bins[b].append(i)
+                bisect.insort(rooms, (room - lengths[i], b))
         rows.extend(bins)
     return rows
 
@@ -145,13 +145,18 @@ def micro_batches(rows_or_examples: list[list[int]], lengths: list[int], *, pack
     if packed:
         per = max(1, batch_tokens // max_len) if batch_tokens else batch_size
         return [rows_or_examples[i:i + per] for i in range(0, len(rows_or_examples), per)]
-    window = 64 * (batch_size if not batch_tokens else max(1, batch_tokens // max(1, max_len // 4)))
+    if batch_tokens:
+        mean_len = sum(lengths[row[0]] for row in rows_or_examples) / max(len(rows_or_examples), 1)
+        per_batch = max(1, int(batch_tokens // max(mean_len, 1)))
+    else:
+        per_batch = batch_size
+    window = 64 * per_batch
     batches: list[list[list[int]]] = []
     for start in range(0, len(rows_or_examples), window):
         chunk = sorted(rows_or_examples[start:start + window], key=lambda row: lengths[row[0]])
         batch: list[list[int]] = []
-        for row in chunk:
-            longest = max([lengths[r[0]] for r in batch] + [lengths[row[0]]])
+        for row in chunk:  # ascending lengths: the row being added is the batch's longest
+            longest = lengths[row[0]]
             full = (len(batch) >= batch_size) if not batch_tokens else (longest * (len(batch) + 1) > batch_tokens)
             if batch and full:
                 batches.append(batch)
