@@ -131,7 +131,7 @@ def test_packed_batch_loss_equals_sum_of_per_example_losses(tiny, tokenizer):
 def test_packing_fills_rows_without_losing_or_splitting_examples():
     import random
 
-    from train.data import pack
+    from train.data import micro_batches, pack
 
     lengths = [random.Random(i).randint(20, 400) for i in range(5000)]
     rows = pack(lengths, max_len=1024)
@@ -139,6 +139,13 @@ def test_packing_fills_rows_without_losing_or_splitting_examples():
     assert all(sum(lengths[i] for i in row) <= 1024 for row in rows)
     assert sum(lengths) / (len(rows) * 1024) > 0.97  # rows come out nearly full
     assert pack([1024, 5, 1024], 1024) == [[0], [2], [1]]
+    # packed micro-batches are shuffled, not longest-first
+    few = lengths[:400]  # one packing window: its rows come out longest-first
+    batches = micro_batches(pack(few, 1024), few, packed=True, max_len=1024, batch_size=2, batch_tokens=None, seed=0)
+    longest = [max(few[i] for row in mb for i in row) for mb in batches]
+    assert longest != sorted(longest, reverse=True)
+    first, last = longest[: len(longest) // 2], longest[len(longest) // 2:]
+    assert abs(sum(first) / len(first) - sum(last) / len(last)) < 30
 
 
 def test_padded_batches_group_similar_lengths_and_respect_the_token_budget():

@@ -139,12 +139,16 @@ def micro_batches(rows_or_examples: list[list[int]], lengths: list[int], *, pack
                   batch_size: int, batch_tokens: int | None, seed: int) -> list[list[list[int]]]:
     """Micro-batches, each a list of rows (a row is a list of example indices).
 
-    Packed rows are all max_len long: batch_tokens // max_len rows per batch. Padded batches
+    Packed rows are all max_len long and are shuffled: batch_tokens // max_len rows per batch. Padded batches
     (one example per row) group similar lengths: the order is sorted by length inside windows of
     64 batches, batches are cut by count or by padded tokens, and the batches are shuffled."""
     if packed:
+        # pack() leaves rows longest-first within each window: shuffle them, or every window would
+        # train its longest examples first (a length curriculum nobody asked for).
+        rows = list(rows_or_examples)
+        random.Random(seed).shuffle(rows)
         per = max(1, batch_tokens // max_len) if batch_tokens else batch_size
-        return [rows_or_examples[i:i + per] for i in range(0, len(rows_or_examples), per)]
+        return [rows[i:i + per] for i in range(0, len(rows), per)]
     if batch_tokens:
         mean_len = sum(lengths[row[0]] for row in rows_or_examples) / max(len(rows_or_examples), 1)
         per_batch = max(1, int(batch_tokens // max(mean_len, 1)))

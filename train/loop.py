@@ -129,6 +129,7 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
     eval_steps = _eval_steps(cfg, plan, bool(eval_batches))
     # Throughput counts the time of optimizer steps only, not evals or checkpoints in between.
     timer_seconds, timer_tokens, timer_loss_tokens = 0.0, 0, 0
+    totals = {"seconds": 0.0, "tokens": 0, "loss_tokens": 0}  # this process's steps, for the summary
     model.train()
     with neftune_ctx as noise, progress.bar(progress_desc, total=total_steps, unit="steps") as bar:
         bar.advance(start_step)
@@ -165,6 +166,9 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
             timer_seconds += time.monotonic() - step_start
             timer_tokens += tokens
             timer_loss_tokens += step_loss_tokens
+            for key, value in (("seconds", time.monotonic() - step_start), ("tokens", tokens),
+                               ("loss_tokens", step_loss_tokens)):
+                totals[key] += value
             done = step + 1
             row = {"step": done, "epoch": plan.epoch_of_step[step], "loss": loss_sum / max(step_loss_tokens, 1),
                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
@@ -198,7 +202,7 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
         if (state_dir / "epochs").is_dir():
             shutil.copytree(state_dir / "epochs", out_dir / "epochs", dirs_exist_ok=True)
         summary = _summary(cfg, history, examples, train_labels, train_idx, eval_idx, packed, select,
-                           total_steps, time.monotonic() - started, accelerator, start_step) | param_counts
+                           total_steps, time.monotonic() - started, accelerator, start_step, totals) | param_counts
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
@@ -666,7 +670,7 @@ def _peak_memory_mb(accelerator) -> dict:
 
 
 def _summary(cfg, history, examples, train_labels, train_idx, eval_idx, packed, select, total_steps,
-             seconds, accelerator, resumed_from) -> dict:
+             seconds, accelerator, resumed_from, totals) -> dict:
     original = sum(sum(1 for x in examples[i].labels[1:] if x != IGNORE) for i in train_idx)
     kept = sum(sum(1 for x in train_labels[i][1:] if x != IGNORE) for i in train_idx)
     losses = [r["loss"] for r in history]
@@ -689,10 +693,9 @@ def _summary(cfg, history, examples, train_labels, train_idx, eval_idx, packed, 
         "processes": accelerator.num_processes,
         "resumed_from_step": resumed_from,
     }
-    rates = [r["loss_tokens_per_s"] for r in history if "loss_tokens_per_s" in r]
-    if rates:
-        out["loss_tokens_per_s"] = round(sum(rates) / len(rates), 1)
-        out["tokens_per_s"] = round(sum(r["tokens_per_s"] for r in history if "tokens_per_s" in r) / len(rates), 1)
+    if totals["seconds"] > 0:
+        out["loss_tokens_per_s"] = round(totals["loss_tokens"] / totals["seconds"], 1)
+        out["tokens_per_s"] = round(totals["tokens"] / totals["seconds"], 1)
     if cfg.goldfish is not None:
         out["goldfish_drop_share"] = round(1 - kept / max(original, 1), 4)
     out.update(_peak_memory_mb(accelerator))
