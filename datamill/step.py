@@ -48,6 +48,16 @@ class StepConfig(BaseModel):
         return schema
 
 
+def optional_section(value):
+    """For `field_validator(..., mode="before")` on an optional sub-config: `x: true` means the
+    section with its defaults, `x: false` means none."""
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
+
+
 @dataclass
 class Env:
     """What a step may consult while being checked and keyed (no heavy imports, no I/O beyond stat/hash)."""

@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from datamill.step import StepConfig
+from datamill.step import StepConfig, optional_section
 
 
 class LoraConfig(StepConfig):
@@ -138,11 +138,7 @@ class TrainConfig(StepConfig):
     @field_validator("lora", "goldfish", "neftune", mode="before")
     @classmethod
     def _true_means_defaults(cls, value):
-        if value is True:
-            return {}
-        if value is False:
-            return None
-        return value
+        return optional_section(value)
 
     @model_validator(mode="after")
     def _consistent(self):

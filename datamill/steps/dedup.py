@@ -14,7 +14,7 @@ import unicodedata
 
 from pydantic import Field, field_validator
 
-from datamill.step import Step, StepConfig
+from datamill.step import Step, StepConfig, optional_section
 
 _PROGRESS_EVERY = 1000  # rows between progress updates
 
@@ -48,11 +48,7 @@ class DedupConfig(StepConfig):
     @field_validator("minhash", mode="before")
     @classmethod
     def _minhash_shorthand(cls, value):
-        if value is True:
-            return {}
-        if value is False:
-            return None
-        return value
+        return optional_section(value)
 
 
 class DedupStep(Step):
