@@ -354,7 +354,8 @@ tracking: {enabled: false}
 def test_train_metrics_and_loss_curve_reach_mlflow(write_spec, cached_models):
     from mlflow import MlflowClient
 
-    spec = train_spec(write_spec, "      max_steps: 3\n      goldfish: {k: 4}\n      neftune: {alpha: 5}\n")
+    spec = train_spec(write_spec, "      max_steps: 3\n      goldfish: {k: 4}\n      neftune: {alpha: 5}\n"
+                                  "      log_model: true\n      schedule: constant\n")
     spec.write_text(spec.read_text().replace("tracking: {enabled: false}\n", ""))
     result = run(spec)
     client = MlflowClient(tracking_uri=result.tracking_location)
@@ -367,6 +368,9 @@ def test_train_metrics_and_loss_curve_reach_mlflow(write_spec, cached_models):
     assert run_data.tags["step.sft.data_digests.tasks"]
     artifacts = [a.path for a in client.list_artifacts(result.run_id, "sft")]
     assert "sft/loss_curve.png" in artifacts
+    assert "sft/model/model.safetensors" in [a.path for a in client.list_artifacts(result.run_id, "sft/model")]
+    lrs = [m.value for m in client.get_metric_history(result.run_id, "sft.lr")]
+    assert lrs[-1] == pytest.approx(lrs[0])  # schedule: constant (after a warmup shorter than a step)
 
 
 # --------------------------------------------------------------------------- kill and resume

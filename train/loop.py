@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,7 +65,6 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
 
     from datamill import progress
 
-    _quiet_libraries()
     cfg = TrainConfig.model_validate(job.config)
     out_dir, state_dir = Path(job.out_dir), Path(job.state_dir)
     started = time.monotonic()
@@ -85,7 +84,8 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
     loss_counts = [sum(1 for x in labels[1:] if x != IGNORE) for labels in train_labels]
 
     # --- 3. Model: base, adapters, memory savers ---
-    model, tokenizer = _load_model(cfg, job.model_dir)
+    with _quiet_libraries():
+        model, tokenizer = _load_model(cfg, job.model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.to(accelerator.device)
     packed = _use_packing(cfg, model, accelerator.device)
@@ -197,7 +197,8 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
     accelerator.wait_for_everyone()
     summary = {}
     if accelerator.is_main_process:
-        _save_model(cfg, accelerator.unwrap_model(model), tokenizer, out_dir / "model")
+        with _quiet_libraries():
+            _save_model(cfg, accelerator.unwrap_model(model), tokenizer, out_dir / "model")
         _write_jsonl(out_dir / "log.jsonl", history)
         if (state_dir / "epochs").is_dir():
             shutil.copytree(state_dir / "epochs", out_dir / "epochs", dirs_exist_ok=True)
@@ -438,14 +439,23 @@ def _training_labels(cfg: TrainConfig, examples: list[Example]) -> list[list[int
 # --------------------------------------------------------------------------- model
 
 
-def _quiet_libraries() -> None:
-    """transformers' per-load progress bars and peft's deprecation chatter drown our own bar."""
+@contextmanager
+def _quiet_libraries():
+    """transformers' load/save progress bars and peft's deprecation chatter would drown our own
+    bar; both are restored afterwards (a notebook user's settings stay theirs)."""
     import warnings
 
     from transformers.utils import logging as hf_logging
 
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _mixed_precision(cfg: TrainConfig) -> str:

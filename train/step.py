@@ -93,7 +93,7 @@ class TrainStep(Step):
         _loss_plot(history, plot, title=f"{ctx.name}: {Path(cfg.model).name if '/' in cfg.model else cfg.model}")
         ctx.log_artifact(plot)
         if cfg.log_model:
-            ctx.log_artifact(Path(ctx.model_dir), "model")
+            ctx.log_artifact(Path(ctx.model_dir), f"{ctx.name}/model")
 
     def _tokenise(self, ctx, model_dir: Path):
         """All rows of all tables as tokenised examples (+ rejected rows), through the token cache."""
