@@ -528,3 +528,26 @@ def test_full_fine_tune_of_smollm2_at_seq_512_fits_in_4_gib(tmp_path):
     summary = json.loads((tmp_path / "mem" / "out" / "summary.json").read_text())
     assert summary["trainable_params"] == summary["total_params"] > 130e6
     assert summary["peak_rss_mb"] < 4096, summary
+
+
+def test_packing_auto_falls_back_to_padded_batches_when_the_model_mixes_packed_examples(tiny, monkeypatch):
+    from train import loop
+    from train.config import TrainConfig
+
+    model = load_model(tiny)
+    monkeypatch.setattr(loop, "packing_supported", lambda model, device=None: False)
+    assert loop._use_packing(TrainConfig(model="m", data="d"), model, "cpu") is False
+    with pytest.raises(ValueError, match="does not keep packed examples apart"):
+        loop._use_packing(TrainConfig(model="m", data="d", packing="on"), model, "cpu")
+    assert loop._use_packing(TrainConfig(model="m", data="d", packing="off"), model, "cpu") is False
+
+
+def test_a_learning_rate_sweep_tokenises_once(write_spec, cached_models):
+    spec = train_spec(write_spec, "      max_steps: 2\n      packing: off\n")
+    spec.write_text(spec.read_text() + "sweep:\n  steps.sft.train.lr: [0.001, 0.0001]\n")
+    result = run(spec)
+    keys = {p.steps["sft"].key for p in result.points}
+    assert len(keys) == 2  # two models
+    assert all(p.steps["sft"].stats["packing"] is False for p in result.points)
+    cache = result.workspace.root / "shared" / "train-tokens"
+    assert len([t for t in cache.glob("*.parquet") if not t.name.endswith(".rejected.parquet")]) == 1

@@ -140,6 +140,12 @@ class TrainConfig(StepConfig):
     def _true_means_defaults(cls, value):
         return optional_section(value)
 
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value):
+        # YAML reads a bare `on`/`off` as a boolean
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _consistent(self):
         if self.save == "adapter" and self.lora is None:
