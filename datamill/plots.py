@@ -6,13 +6,49 @@ import os
 from pathlib import Path
 
 
-def line_plot(path: Path, series: dict[str, tuple[list, list]], *, title: str, xlabel: str, ylabel: str) -> Path:
-    """One line per series name -> (xs, ys); written atomically as a PNG."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; also safe inside worker processes
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def histogram(path: Path, groups: dict[str, list[float]], *, title: str, xlabel: str, bins: int = 40) -> Path:
+    """Overlaid histograms of each group's values on shared bins; written atomically as a PNG."""
+    plt = _pyplot()
+    values = [v for vs in groups.values() for v in vs]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    try:
+        if values:
+            lo, hi = min(values), max(values)
+            edges = [lo + (hi - lo) * i / bins for i in range(bins + 1)] if hi > lo else bins
+            for name, vs in groups.items():
+                if vs:
+                    ax.hist(vs, bins=edges, alpha=0.6, label=f"{name} ({len(vs)})")
+            ax.legend()
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("rows")
+        ax.grid(alpha=0.3)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def line_plot(path: Path, series: dict[str, tuple[list, list]], *, title: str, xlabel: str, ylabel: str) -> Path:
+    """One line per series name -> (xs, ys); written atomically as a PNG."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     try:
         for name, (xs, ys) in series.items():
@@ -23,11 +59,6 @@ def line_plot(path: Path, series: dict[str, tuple[list, list]], *, title: str, x
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        return _save(fig, path)
     finally:
         plt.close(fig)
-    return path

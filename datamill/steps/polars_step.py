@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from datamill.errors import FieldError
 from datamill.hashing import hash_file
 from datamill.step import Env, Step, StepConfig
+from datamill.user_code import UserCodeError, load_function, module_file
 
 
 class PolarsConfig(StepConfig):
@@ -42,17 +39,10 @@ class PolarsStep(Step):
         return [(("input", i), name) for i, name in enumerate(self.config.input)]
 
     def _module_file(self, env: Env) -> Path:
-        module, sep, func = self.config.function.partition(":")
-        if not sep or not module or not func:
-            raise FieldError("function", f"expected 'module:function', found {self.config.function!r}")
-        with _spec_dir_on_path(env.base_dir):
-            try:
-                found = importlib.util.find_spec(module)
-            except (ImportError, ValueError):
-                found = None
-        if found is None or not found.origin or not Path(found.origin).is_file():
-            raise FieldError("function", f"module '{module}' not found next to the spec ({env.base_dir}) or on sys.path")
-        return Path(found.origin)
+        try:
+            return module_file(self.config.function, env.base_dir)
+        except UserCodeError as e:
+            raise FieldError("function", str(e)) from None
 
     def check(self, env: Env) -> None:
         self._module_file(env)
@@ -64,13 +54,7 @@ class PolarsStep(Step):
     def run(self, ctx) -> None:
         import polars as pl
 
-        module_name, _, func_name = self.config.function.partition(":")
-        with _spec_dir_on_path(ctx.env.base_dir):
-            # reload: the module may have been edited since this process first imported it
-            module = importlib.reload(importlib.import_module(module_name))
-        func = getattr(module, func_name, None)
-        if not callable(func):
-            raise AttributeError(f"{module_name} has no function '{func_name}'")
+        func = load_function(self.config.function, ctx.env.base_dir)
         if isinstance(self.config.input, str):
             result = func(ctx.read(self.config.input), **self.config.args)
         else:
@@ -78,15 +62,6 @@ class PolarsStep(Step):
         if isinstance(result, pl.LazyFrame):
             result = result.collect()
         if not isinstance(result, pl.DataFrame):
-            where = inspect.getsourcefile(func) or module_name
+            where = inspect.getsourcefile(func) or self.config.function
             raise TypeError(f"{self.config.function} ({where}) returned {type(result).__name__}, expected a polars DataFrame")
         ctx.write(result)
-
-
-@contextmanager
-def _spec_dir_on_path(base_dir: Path):
-    sys.path.insert(0, str(base_dir))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(base_dir))

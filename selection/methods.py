@@ -1,0 +1,82 @@
+"""Selection methods by name: a method is a function that scores candidates, higher = keep.
+
+    from selection.methods import register_selector
+
+    @register_selector("shortest")
+    def shortest(candidates: list[str], targets: list[str]) -> list[float]:
+        return [-len(c) for c in candidates]
+
+and `select: {method: shortest, ...}` uses it (`params:` in the spec are passed as keyword
+arguments). Without registering, `method: my_selectors:shortest` names a function in a module
+next to the spec. Installed packages register theirs under the `datamill.selectors` entry-point
+group.
+A method's function may also declare any of these keyword arguments to receive them:
+
+    rows, target_rows   the candidate and target tables (Polars DataFrames)
+    seed                the step's seed
+    model_path          callable: model reference -> local HF folder
+    work_dir            a folder for intermediate files that survives an interrupted run
+    progress            callable(n): n more candidates scored (drives the progress bar)
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from datamill.errors import SpecError, did_you_mean
+
+CONTEXT_ARGS = ("rows", "target_rows", "seed", "model_path", "work_dir", "progress")
+
+_selectors: dict[str, Callable] = {}
+# Built-in methods by module, imported on first use (numpy, zlib, torch... only when needed).
+_BUILTIN = {"zipfit": "selection.builtin:zipfit", "random": "selection.builtin:random_scores",
+            "length": "selection.builtin:length"}
+
+
+def register_selector(name: str):
+    """Decorator: make `fn` available as `method: name` in `select` steps."""
+
+    def wrap(fn: Callable) -> Callable:
+        _selectors[name] = fn
+        return fn
+
+    return wrap
+
+
+def is_builtin(name: str) -> bool:
+    return name in _BUILTIN and name not in _selectors
+
+
+def method_names() -> list[str]:
+    from importlib.metadata import entry_points
+
+    return sorted(set(_BUILTIN) | set(_selectors) | {ep.name for ep in entry_points(group="datamill.selectors")})
+
+
+def selector(name: str) -> Callable:
+    if name in _selectors:
+        return _selectors[name]
+    if name in _BUILTIN:
+        import importlib
+
+        module, _, attr = _BUILTIN[name].partition(":")
+        return getattr(importlib.import_module(module), attr)
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep for ep in entry_points(group="datamill.selectors")}
+    if name in eps:
+        return eps[name].load()
+    raise SpecError(f"unknown selection method '{name}'{did_you_mean(name, method_names())} "
+                    f"(methods: {', '.join(method_names())})")
+
+
+def call(fn: Callable, candidates: list[str], targets: list[str], params: dict, context: dict):
+    """Call a method with its params and the context arguments its signature asks for."""
+    signature = inspect.signature(fn)
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    extra = {k: v for k, v in context.items() if takes_all or k in signature.parameters}
+    clash = set(params) & set(CONTEXT_ARGS)
+    if clash:
+        raise ValueError(f"params may not set {', '.join(sorted(clash))}: those come from the step")
+    return fn(candidates, targets, **params, **extra)

@@ -1,0 +1,211 @@
+"""`select`: score every candidate against a target table with one method and keep the top budget.
+
+Outputs:
+    tables/main     the selected rows in rank order, with `select_score` and `select_rank`
+    tables/scores   every candidate: id, score, rank, selected (+ family): each row's selection
+                    decision, the lineage from a row to the models trained on it
+    scores.png      score histogram, selected vs not (also logged to MLflow)
+
+Ranks are by score, highest first; ties keep the input order. `per_family` caps how many rows of
+one `family_column` value are kept; the budget is then filled from the next ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from pydantic import Field, field_validator
+
+from datamill.errors import DatamillError, FieldError, SpecError
+from datamill.step import Step, StepConfig
+from datamill.user_code import UserCodeError, is_reference, load_function, module_file
+
+EXECUTION_ONLY_PARAMS = ("workers",)  # method params that change speed, not scores: out of the key
+SAMPLE_ROWS = 20
+
+
+class SelectConfig(StepConfig):
+    """Keep the candidates that matter most for a target task (ZIP-FIT, random, length, your own)."""
+
+    input: str
+    """Candidate table."""
+    target: str
+    """Table of examples that embody the target task."""
+    method: str = "zipfit"
+    """Scoring method: zipfit, random, length, one you registered (selection/methods.py), or your
+    function as `module:function` (the module next to the spec)."""
+    budget: Union[int, float]
+    """Rows to keep: a count (200) or a fraction of the candidates (0.1). When the pool (or the
+    `per_family` caps) run out first, fewer rows are kept and the stats say `budget_clipped`."""
+    params: dict[str, Any] = {}
+    """Keyword arguments of the method, e.g. {level: 9} for zipfit, {longest: false} for length.
+    `workers` (processes) is not part of the cache key."""
+    column: Optional[str] = None
+    """Candidate text column: default `messages` (contents joined by newlines), else `text`."""
+    target_column: Optional[str] = None
+    """Target text column (same default)."""
+    per_family: Optional[int] = Field(None, ge=1)
+    """At most this many selected rows per value of `family_column`."""
+    family_column: str = "family"
+    """Column that `per_family` caps and the target-family precision stat reads."""
+    seed: int = 0
+    """Seed for methods that draw random numbers (random, LESS's warmup slice, projections)."""
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, value):
+        if isinstance(value, bool) or value <= 0:
+            raise ValueError("budget must be a positive count or a fraction in (0, 1]")
+        if isinstance(value, float) and value > 1:
+            raise ValueError(f"a fractional budget must be at most 1, found {value}: write a count as an integer")
+        return value
+
+
+class SelectStep(Step):
+    """Score candidates against a target table and keep the top budget; every decision is kept."""
+
+    kind = "select"
+    Config = SelectConfig
+    version = "1"
+    side_tables = ("scores",)
+
+    def input_tables(self):
+        return [(("input",), self.config.input), (("target",), self.config.target)]
+
+    def check(self, env) -> None:
+        from selection.methods import selector
+
+        try:
+            if is_reference(self.config.method):
+                module_file(self.config.method, env.base_dir)
+            else:
+                selector(self.config.method)
+        except (SpecError, UserCodeError) as e:
+            raise FieldError("method", str(e)) from None
+
+    def key_config(self) -> dict:
+        config = self.config.model_dump(mode="json")
+        config["params"] = {k: v for k, v in config["params"].items() if k not in EXECUTION_ONLY_PARAMS}
+        return config
+
+    def key_material(self, env) -> dict:
+        # Your own method changes when its code does (built-ins change with `version`).
+        import inspect
+
+        from datamill.hashing import hash_file
+        from selection.methods import is_builtin, selector
+
+        method = self.config.method
+        try:
+            if is_reference(method):
+                return {"method_module": hash_file(module_file(method, env.base_dir))}
+            if not is_builtin(method):
+                return {"method_source": inspect.getsource(selector(method))}
+        except (SpecError, UserCodeError, OSError, TypeError):
+            pass  # check() reports a missing method; a function without source keys by name
+        return {}
+
+    def run(self, ctx) -> None:
+        import numpy as np
+        import polars as pl
+
+        from datamill import progress
+        from datamill.records import column_texts, text_column
+        from selection.methods import call, selector
+
+        cfg = self.config
+        started = time.monotonic()
+        rows, target_rows = ctx.read(cfg.input), ctx.read(cfg.target)
+        if target_rows.height == 0:
+            raise DatamillError(f"target table '{cfg.target}' is empty: selection needs examples of the target task")
+        if rows.height == 0:
+            raise DatamillError(f"input table '{cfg.input}' is empty: nothing to select from")
+        texts = column_texts(rows, text_column(rows, cfg.column, f"select input '{cfg.input}'"))
+        targets = column_texts(target_rows, text_column(target_rows, cfg.target_column, f"select target '{cfg.target}'"))
+        n = len(texts)
+        budget = cfg.budget if isinstance(cfg.budget, int) else max(1, round(cfg.budget * n))
+        prepared = time.monotonic()
+
+        work_dir = Path(ctx.state_dir) / "work"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        with progress.bar(f"{ctx.name}: {cfg.method}", total=n, unit="rows") as bar:
+            context = {"rows": rows, "target_rows": target_rows, "seed": cfg.seed, "model_path": ctx.model_path,
+                       "work_dir": work_dir, "progress": bar.advance}
+            method = (load_function(cfg.method, ctx.env.base_dir) if is_reference(cfg.method)
+                      else selector(cfg.method))
+            scores = np.asarray(call(method, texts, targets, dict(cfg.params), context), dtype=np.float64)
+        scored = time.monotonic()
+        if scores.shape != (n,):
+            raise DatamillError(f"method '{cfg.method}' returned {scores.shape} scores for {n} candidates")
+        if not np.isfinite(scores).all():
+            bad = int((~np.isfinite(scores)).sum())
+            raise DatamillError(f"method '{cfg.method}' returned {bad} non-finite scores (NaN or inf)")
+
+        order = np.argsort(-scores, kind="stable")  # ties keep the input order
+        families = rows[cfg.family_column].to_list() if cfg.family_column in rows.columns else None
+        if cfg.per_family and families is None:
+            raise DatamillError(f"per_family needs a '{cfg.family_column}' column in '{cfg.input}' "
+                                f"(columns: {', '.join(rows.columns)}); set family_column")
+        chosen = _choose(order, budget, families, cfg.per_family)
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(1, n + 1)
+        selected = np.zeros(n, dtype=bool)
+        selected[chosen] = True
+
+        ids = rows["id"].to_list() if "id" in rows.columns else [str(i) for i in range(n)]
+        score_table = pl.DataFrame({"id": ids, "score": scores, "rank": rank, "selected": selected})
+        if families is not None:
+            score_table = score_table.with_columns(pl.Series("family", families, dtype=pl.String))
+        keep = rows[chosen.tolist()].drop([c for c in ("select_score", "select_rank") if c in rows.columns])
+        keep = keep.with_columns(pl.Series("select_score", scores[chosen]), pl.Series("select_rank", rank[chosen]))
+        ctx.write(keep)
+        ctx.write(score_table, "scores")
+        self._report(ctx, score_table, texts, targets, target_rows, budget, chosen,
+                     {"prepare": prepared - started, "score": scored - prepared, "select": time.monotonic() - scored})
+
+    def _report(self, ctx, score_table, texts, targets, target_rows, budget, chosen, seconds) -> None:
+        import polars as pl
+
+        cfg = self.config
+        ctx.stats.update({"method": cfg.method, "budget": budget, "candidates": len(texts), "targets": len(targets),
+                          "selected": int(len(chosen)), "budget_clipped": len(chosen) < budget,
+                          "seconds": {k: round(v, 3) for k, v in seconds.items()}})
+        if "family" in score_table.columns and cfg.family_column in target_rows.columns:
+            target_families = set(target_rows[cfg.family_column].drop_nulls().to_list())
+            if len(target_families) == 1:  # one target family: how much of the selection is of it
+                family = target_families.pop()
+                picked = score_table.filter(pl.col("selected"))
+                ctx.stats["target_family"] = family
+                ctx.stats["target_family_precision"] = round(
+                    picked.filter(pl.col("family") == family).height / max(picked.height, 1), 4)
+        plot = Path(ctx.out_dir) / "scores.png"
+        from datamill.plots import histogram
+
+        histogram(plot, {"selected": score_table.filter(pl.col("selected"))["score"].to_list(),
+                         "not selected": score_table.filter(~pl.col("selected"))["score"].to_list()},
+                  title=f"{ctx.name}: {cfg.method} scores", xlabel="score (higher = kept first)")
+        ctx.log_artifact(plot)
+        ranked = score_table.with_columns(pl.Series("text", [t[:300] for t in texts])).sort("rank")
+        ctx.log_sample(ranked.head(SAMPLE_ROWS), name="top", rows=SAMPLE_ROWS)
+        ctx.log_sample(ranked.tail(SAMPLE_ROWS), name="bottom", rows=SAMPLE_ROWS)
+
+
+def _choose(order, budget: int, families: list | None, per_family: int | None):
+    """Indices kept, in rank order: the top `budget`, at most `per_family` of any family."""
+    import numpy as np
+
+    if per_family is None or families is None:
+        return order[:budget]
+    counts: dict = {}
+    kept = []
+    for i in order:
+        family = families[i]
+        if counts.get(family, 0) >= per_family:
+            continue
+        counts[family] = counts.get(family, 0) + 1
+        kept.append(i)
+        if len(kept) == budget:
+            break
+    return np.asarray(kept, dtype=np.int64)

@@ -1,0 +1,221 @@
+"""The select step and its methods: ZIP-FIT exactness, the testbed with known answers, lineage, errors."""
+
+from __future__ import annotations
+
+import random
+import string
+
+import numpy as np
+import pytest
+
+from datamill.errors import SpecError
+from helpers_steps import run_step
+
+FAMILIES = ["arithmetic", "reverse", "sort", "capitals", "units", "code", "chat"]
+
+
+def make_testbed(write_spec, target: str, method: str, extra: str = "", budget: int = 66):
+    """A pool of 6 x 100 rows of other families + 66 of the target family (~10%); the target
+    table is 50 rows of that family drawn with another seed."""
+    return write_spec(f"""
+name: testbed
+sources:
+  tasks: {{generator: tasks, families: [{', '.join(FAMILIES)}], n: 700, seed: 0}}
+  target: {{generator: tasks, families: [{target}], n: 50, seed: 1}}
+steps:
+  pool:
+    sql: |
+      SELECT * FROM tasks WHERE family <> '{target}'
+      UNION ALL SELECT * FROM (SELECT * FROM tasks WHERE family = '{target}' ORDER BY id LIMIT 66)
+  pick:
+    select:
+      input: pool
+      target: target
+      method: {method}
+      budget: {budget}
+{extra}
+tracking: {{enabled: false}}
+""")
+
+
+def run(spec):
+    from datamill.api import run as dm_run
+
+    return dm_run(spec)
+
+
+# --------------------------------------------------------------------------- ZIP-FIT exactness
+
+
+def tricky_texts(seed: int) -> list[str]:
+    """Texts unlike the tests' other data: incompressible, repetitive, non-ASCII, empty, > 16 KB."""
+    rng = random.Random(seed)
+    noise = "".join(rng.choice(string.printable) for _ in range(3000))
+    return [
+        noise,
+        "abc" * 2000,
+        "a",
+        "",
+        "Ünïcödé — 東京の天気は晴れ。Привет, мир! 🚀" * 20,
+        " ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(5000)),  # > 16 KB
+        "def f(x):\n    return x * 2\n" * 50,
+        "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(400)),
+    ]
+
+
+@pytest.mark.parametrize("level", [9, 1])
+def test_zipfit_scores_equal_the_naive_per_pair_gzip_method(level, monkeypatch):
+    from selection import zipfit
+
+    candidates = tricky_texts(1) + [f"question {i}: what is {i} + {i}?" for i in range(10)]
+    targets = tricky_texts(2)[:5] + ["what is 3 + 4?", "what is 10 + 2?"]
+    assert len(candidates[5].encode()) > 16_384
+    expected = zipfit.naive_zipfit_scores(candidates, targets, level=level)
+    np.testing.assert_array_equal(zipfit.zipfit_scores(candidates, targets, level=level, workers=1), expected)
+    monkeypatch.setattr(zipfit, "_PARALLEL_PAIRS", 1)  # force the worker processes
+    np.testing.assert_array_equal(zipfit.zipfit_scores(candidates, targets, level=level, workers=2), expected)
+
+
+def test_compressed_size_is_gzip_length():
+    import gzip
+
+    from selection.zipfit import compressed_size
+
+    for text in tricky_texts(3):
+        for level in (1, 6, 9):
+            data = text.encode()
+            assert compressed_size(data, level) == len(gzip.compress(data, compresslevel=level))
+
+
+def test_zipfit_prefers_texts_like_the_targets():
+    from selection.zipfit import zipfit_scores
+
+    targets = [f"What is {a} + {b}? {a} + {b} = {a + b}." for a, b in [(3, 4), (12, 9), (7, 7)]]
+    candidates = ["What is 5 + 6? 5 + 6 = 11.", "The capital of France is Paris, a city on the Seine."]
+    scores = zipfit_scores(candidates, targets)
+    assert scores[0] > scores[1]
+    with pytest.raises(ValueError, match="at least one target"):
+        zipfit_scores(candidates, [])
+
+
+# --------------------------------------------------------------------------- the testbed
+
+
+@pytest.mark.parametrize("family", ["arithmetic", "capitals", "code"])
+def test_zipfit_finds_the_target_family(write_spec, family):
+    result = run(make_testbed(write_spec, family, "zipfit"))
+    stats = result.points[-1].steps["pick"].stats
+    assert stats["target_family"] == family
+    assert stats["target_family_precision"] >= 0.8, stats
+
+
+@pytest.mark.parametrize("family", ["arithmetic", "capitals", "code"])
+def test_random_stays_near_the_base_rate(write_spec, family):
+    result = run(make_testbed(write_spec, family, "random"))
+    assert result.points[-1].steps["pick"].stats["target_family_precision"] < 0.3  # base rate 0.1
+
+
+def test_scores_table_is_every_selection_decision(write_spec):
+    result = run(make_testbed(write_spec, "units", "zipfit"))
+    pool, picked, scores = result.table("pool"), result.table("pick"), result.table("pick__scores")
+    assert scores.height == pool.height and sorted(scores["id"].to_list()) == sorted(pool["id"].to_list())
+    assert sorted(scores["rank"].to_list()) == list(range(1, pool.height + 1))
+    assert scores["selected"].sum() == picked.height == 66
+    top = scores.sort("rank").head(66)
+    assert set(top["id"].to_list()) == set(picked["id"].to_list())
+    assert picked["select_rank"].to_list() == sorted(picked["select_rank"].to_list())  # rank order
+    assert (picked["select_score"].to_numpy() >= scores.filter(~scores["selected"])["score"].max()).all()
+
+
+def test_per_family_caps_and_fractional_budgets(write_spec):
+    result = run(make_testbed(write_spec, "units", "length", budget=0.3, extra="      per_family: 40\n"))
+    picked = result.table("pick")
+    assert picked.height == round(0.3 * 666)
+    assert picked.group_by("family").len()["len"].max() <= 40
+    # caps that run out before the budget: fewer rows, and the stats say so
+    result = run(make_testbed(write_spec, "units", "length", budget=0.3, extra="      per_family: 20\n"))
+    stats = result.points[-1].steps["pick"].stats
+    assert stats["selected"] == 7 * 20 and stats["budget_clipped"] is True
+
+
+def test_budget_larger_than_the_pool_keeps_everything_and_says_so(write_spec):
+    result = run(make_testbed(write_spec, "units", "random", budget=10_000))
+    stats = result.points[-1].steps["pick"].stats
+    assert stats["budget_clipped"] is True and stats["selected"] == 666
+
+
+def test_empty_target_is_a_clear_error(write_spec):
+    from datamill.errors import StepFailed
+
+    spec = make_testbed(write_spec, "units", "zipfit")
+    spec.write_text(spec.read_text().replace("target: {generator: tasks, families: [units], n: 50, seed: 1}",
+                                             "target: {path: empty.jsonl}"))
+    (spec.parent / "empty.jsonl").write_text("")
+    with pytest.raises(StepFailed, match="target table 'target' is empty"):
+        run(spec)
+
+
+def test_empty_candidate_text_gets_a_score(tmp_path):
+    import polars as pl
+
+    from selection.select_step import SelectStep
+
+    rows = pl.DataFrame({"id": ["a", "b", "c"], "text": ["what is 1 + 1?", "", "the sky is blue"]})
+    target = pl.DataFrame({"text": ["what is 2 + 2?"]})
+    _, tables = run_step(SelectStep, {"input": "rows", "target": "target", "budget": 1}, tmp_path,
+                         inputs={"rows": rows, "target": target})
+    assert tables["main"]["id"].to_list() == ["a"]
+    assert np.isfinite(tables["scores"]["score"].to_numpy()).all()
+
+
+def test_unknown_method_and_bad_budget_are_spec_errors(write_spec):
+    with pytest.raises(SpecError, match="unknown selection method 'zipfti'.*did you mean 'zipfit'"):
+        run(make_testbed(write_spec, "units", "zipfti"))
+    with pytest.raises(SpecError, match="a fractional budget must be at most 1"):
+        run(make_testbed(write_spec, "units", "zipfit", budget=1.5))
+
+
+def test_a_registered_user_method_is_one_function_and_one_line(write_spec):
+    from selection.methods import _selectors, register_selector
+
+    @register_selector("shortest_first")
+    def shortest_first(candidates, targets, rows, bonus: float = 0.0):
+        assert rows.height == len(candidates)
+        return [bonus - len(c) for c in candidates]
+
+    try:
+        result = run(make_testbed(write_spec, "units", "shortest_first", budget=5,
+                                  extra="      params: {bonus: 1.5}\n"))
+        picked = result.table("pick")
+        assert picked["select_score"].to_list() == sorted(picked["select_score"].to_list(), reverse=True)
+        lengths = sorted(len("\n".join(m["content"] for m in ms)) for ms in result.table("pool")["messages"].to_list())
+        assert [1.5 - s for s in picked["select_score"].to_list()] == lengths[:5]
+    finally:
+        _selectors.pop("shortest_first", None)
+
+
+def test_selection_reaches_mlflow(write_spec):
+    from mlflow import MlflowClient
+
+    spec = make_testbed(write_spec, "units", "zipfit")
+    spec.write_text(spec.read_text().replace("tracking: {enabled: false}\n", ""))
+    result = run(spec)
+    client = MlflowClient(tracking_uri=result.tracking_location)
+    data = client.get_run(result.run_id).data
+    assert data.metrics["pick.selected"] == 66 and data.metrics["pick.target_family_precision"] >= 0.8
+    assert data.tags["step.pick.method"] == "zipfit"
+    assert "pick.seconds.score" in data.metrics
+    assert "pick/scores.png" in [a.path for a in client.list_artifacts(result.run_id, "pick")]
+
+
+def test_a_method_in_a_module_next_to_the_spec(write_spec):
+    spec = make_testbed(write_spec, "units", "my_selectors:by_digits", budget=10)
+    module = spec.parent / "my_selectors.py"
+    module.write_text("def by_digits(candidates, targets):\n    return [sum(ch.isdigit() for ch in c) for c in candidates]\n")
+    first = run(spec).points[-1].steps["pick"]
+    assert first.stats["selected"] == 10
+    module.write_text("def by_digits(candidates, targets):\n    return [-sum(ch.isdigit() for ch in c) for c in candidates]\n")
+    second = run(spec).points[-1].steps["pick"]
+    assert second.key != first.key and not second.cached  # editing the module reruns the step
+    with pytest.raises(SpecError, match="module 'nowhere' not found next to the spec"):
+        run(make_testbed(write_spec, "units", "nowhere:f"))
