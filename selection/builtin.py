@@ -23,3 +23,12 @@ def length(candidates: list[str], targets: list[str], *, longest: bool = True) -
     shortest with `longest: false`. Ignores the targets."""
     sizes = np.asarray([len(c) for c in candidates], dtype=np.float64)
     return sizes if longest else -sizes
+
+
+def dsir(candidates: list[str], targets: list[str], *, work_dir, seed: int = 0, top_k: bool = False,
+         ngrams: int = 2, num_buckets: int = 10_000, min_example_length: int = 0) -> np.ndarray:
+    """DSIR: hashed n-gram importance weights from the `data-selection` package (selection/dsir.py)."""
+    from selection.dsir import dsir_scores
+
+    return dsir_scores(candidates, targets, work_dir / "dsir", seed=seed, top_k=top_k, ngrams=ngrams,
+                       num_buckets=num_buckets, min_example_length=min_example_length)

@@ -31,7 +31,7 @@ CONTEXT_ARGS = ("rows", "target_rows", "seed", "model_path", "work_dir", "progre
 _selectors: dict[str, Callable] = {}
 # Built-in methods by module, imported on first use (numpy, zlib, torch... only when needed).
 _BUILTIN = {"zipfit": "selection.builtin:zipfit", "random": "selection.builtin:random_scores",
-            "length": "selection.builtin:length"}
+            "length": "selection.builtin:length", "dsir": "selection.builtin:dsir"}
 
 
 def register_selector(name: str):

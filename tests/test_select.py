@@ -98,12 +98,30 @@ def test_zipfit_prefers_texts_like_the_targets():
         zipfit_scores(candidates, [])
 
 
+def test_dsir_weights_come_back_in_row_order(tmp_path):
+    from selection.dsir import dsir_log_weights, dsir_scores
+
+    candidates = [f"what is {i} plus {i + 1}?" if i % 3 else f"the capital of country {i} is city {i}"
+                  for i in range(30)]
+    targets = ["what is 2 plus 2?", "what is 7 plus 1?"]
+    one, lengths = dsir_log_weights(candidates, targets, tmp_path / "a")
+    assert (one[[i for i in range(30) if i % 3]] > one[0]).all()  # an arithmetic row outweighs a capitals row
+    assert lengths[0] == len("the capital of country 0 is city 0".split())
+    top = dsir_scores(candidates, targets, tmp_path / "c", top_k=True)
+    np.testing.assert_array_equal(top, one)
+    a = dsir_scores(candidates, targets, tmp_path / "d", seed=1)
+    b = dsir_scores(candidates, targets, tmp_path / "e", seed=1)
+    np.testing.assert_array_equal(a, b)  # resampling noise comes from the seed
+    assert not np.array_equal(a, one)
+
+
 # --------------------------------------------------------------------------- the testbed
 
 
+@pytest.mark.parametrize("method", ["zipfit", "dsir"])
 @pytest.mark.parametrize("family", ["arithmetic", "capitals", "code"])
-def test_zipfit_finds_the_target_family(write_spec, family):
-    result = run(make_testbed(write_spec, family, "zipfit"))
+def test_target_aware_methods_find_the_target_family(write_spec, family, method):
+    result = run(make_testbed(write_spec, family, method))
     stats = result.points[-1].steps["pick"].stats
     assert stats["target_family"] == family
     assert stats["target_family_precision"] >= 0.8, stats
