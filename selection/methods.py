@@ -14,7 +14,7 @@ A method's function may also declare any of these keyword arguments to receive t
 
     rows, target_rows   the candidate and target tables (Polars DataFrames)
     seed                the step's seed
-    model_path          callable: model reference -> local HF folder
+    model_dir           the local HF folder of the step's `model` (None when it has none)
     work_dir            a folder for intermediate files that survives an interrupted run
     progress            callable(n): n more candidates scored (drives the progress bar)
 """
@@ -26,12 +26,13 @@ from typing import Callable
 
 from datamill.errors import SpecError, did_you_mean
 
-CONTEXT_ARGS = ("rows", "target_rows", "seed", "model_path", "work_dir", "progress")
+CONTEXT_ARGS = ("rows", "target_rows", "seed", "model_dir", "work_dir", "progress")
 
 _selectors: dict[str, Callable] = {}
 # Built-in methods by module, imported on first use (numpy, zlib, torch... only when needed).
 _BUILTIN = {"zipfit": "selection.builtin:zipfit", "random": "selection.builtin:random_scores",
-            "length": "selection.builtin:length", "dsir": "selection.builtin:dsir"}
+            "length": "selection.builtin:length", "dsir": "selection.builtin:dsir",
+            "density": "selection.builtin:density"}
 
 
 def register_selector(name: str):

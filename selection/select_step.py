@@ -34,8 +34,8 @@ class SelectConfig(StepConfig):
     target: str
     """Table of examples that embody the target task."""
     method: str = "zipfit"
-    """Scoring method: zipfit, random, length, one you registered (selection/methods.py), or your
-    function as `module:function` (the module next to the spec)."""
+    """Scoring method: zipfit, dsir, density, random, length, one you registered
+    (selection/methods.py), or your function as `module:function` (the module next to the spec)."""
     budget: Union[int, float]
     """Rows to keep: a count (200) or a fraction of the candidates (0.1). When the pool (or the
     `per_family` caps) run out first, fewer rows are kept and the stats say `budget_clipped`."""
@@ -51,7 +51,10 @@ class SelectConfig(StepConfig):
     family_column: str = "family"
     """Column that `per_family` caps and the target-family precision stat reads."""
     seed: int = 0
-    """Seed for methods that draw random numbers (random, LESS's warmup slice, projections)."""
+    """Seed for methods that draw random numbers (random, dsir's resampling)."""
+    model: Optional[str] = None
+    """A model the method uses (density: the embedder instead of all-MiniLM-L6-v2): a `models:`
+    name, a trained step, or a model reference."""
 
     @field_validator("budget")
     @classmethod
@@ -73,6 +76,9 @@ class SelectStep(Step):
 
     def input_tables(self):
         return [(("input",), self.config.input), (("target",), self.config.target)]
+
+    def model_refs(self):
+        return [(("model",), self.config.model)] if self.config.model else []
 
     def check(self, env) -> None:
         from selection.methods import selector
@@ -131,7 +137,8 @@ class SelectStep(Step):
         work_dir = Path(ctx.state_dir) / "work"
         work_dir.mkdir(parents=True, exist_ok=True)
         with progress.bar(f"{ctx.name}: {cfg.method}", total=n, unit="rows") as bar:
-            context = {"rows": rows, "target_rows": target_rows, "seed": cfg.seed, "model_path": ctx.model_path,
+            context = {"rows": rows, "target_rows": target_rows, "seed": cfg.seed,
+                       "model_dir": Path(ctx.model_path(cfg.model)) if cfg.model else None,
                        "work_dir": work_dir, "progress": bar.advance}
             method = (load_function(cfg.method, ctx.env.base_dir) if is_reference(cfg.method)
                       else selector(cfg.method))

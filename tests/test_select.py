@@ -237,3 +237,39 @@ def test_a_method_in_a_module_next_to_the_spec(write_spec):
     assert second.key != first.key and not second.cached  # editing the module reruns the step
     with pytest.raises(SpecError, match="module 'nowhere' not found next to the spec"):
         run(make_testbed(write_spec, "units", "nowhere:f"))
+
+
+# --------------------------------------------------------------------------- density
+
+
+def test_kde_log_density_on_a_2d_toy_with_a_known_answer():
+    from selection.density import bandwidth_for, log_density_of
+
+    reference = np.array([[0.0, 0.0]])
+    queries = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 4.0]])
+    h = 0.5
+    got = log_density_of(queries, reference, bandwidth=h)
+    expected = -np.sum(queries ** 2, axis=1) / (2 * h * h) - 2 * np.log(h * np.sqrt(2 * np.pi))
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    # two clusters: a query near the big one is more typical than one near the small one
+    rng = np.random.default_rng(0)
+    data = np.concatenate([rng.normal(0, 0.3, (90, 2)), rng.normal(5, 0.3, (10, 2))])
+    near_big, near_small, far = log_density_of(np.array([[0, 0], [5, 5], [10, -10]]), data)
+    assert near_big > near_small > far
+    assert bandwidth_for(np.array([[0.0, 0.0], [3.0, 4.0], [0.0, 8.0]]), "median") == pytest.approx(5 / np.sqrt(2))
+    assert bandwidth_for(data, "scott") > 0 and bandwidth_for(data, 0.2) == 0.2
+    with pytest.raises(ValueError, match="bandwidth"):
+        bandwidth_for(data, "silverman-ish")
+
+
+def test_density_finds_the_target_family(write_spec):
+    result = run(make_testbed(write_spec, "capitals", "density"))
+    assert result.points[-1].steps["pick"].stats["target_family_precision"] >= 0.8
+
+
+def test_log_density_is_offered_to_other_stages():
+    from datamill.registry import function
+
+    train = ["What is 2 + 3?", "What is 10 + 7?", "What is 4 + 4?"]
+    scores = function("log_density")(["What is 5 + 1?", "The capital of Peru is Lima."], train)
+    assert scores[0] > scores[1]
