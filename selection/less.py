@@ -1,0 +1,230 @@
+"""LESS (Xia et al. 2024; reference: princeton-nlp/LESS): select the candidates whose LoRA gradients
+point where the target examples' gradients point.
+
+1. Warm up LoRA on a random slice of the pool (default 5%, 4 epochs), keeping each epoch's
+   adapter weights and Adam moments: the train stage's `fine_tune`, through the core registry.
+2. Per checkpoint c: each candidate's gradient g of its mean next-token loss on assistant tokens,
+   turned into Adam's update direction with that checkpoint's moments (as LESS's
+   `obtain_gradients_with_adam`: m' = b1 m + (1 - b1) g, v' = b2 v + (1 - b2) g^2,
+   m' / sqrt(v' + eps), no bias correction, eps inside the root); each target's plain gradient.
+3. Project with a fixed seeded Rademacher (+-1) matrix (the same for every checkpoint, candidates
+   and targets; TRAK's projector, without 1/sqrt(d)), and L2-normalise: dot products are cosines.
+4. score_i = aggregate over targets j of sum_c w_c <T_c[i], V_c[j]>, w_c = mean lr of epoch c /
+   sum of them; aggregate = mean (LESS with one target task) or max.
+
+Per-example gradients come from one backward pass per batch: a LoRA factor is a linear map
+y = W x, and with a summed loss over independent examples the gradient reaching y[b] belongs to
+example b alone, so each example's dL_b/dW = sum over its tokens of grad_y[b,t] (x) x[b,t]: an
+einsum over activations and output gradients caught by hooks. `per_example_grads(..., loop=True)`
+does one backward per example instead, the reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # LESS hard-codes these (adamw_torch defaults)
+PROJECTION_BLOCK = 1024  # parameter rows of the random matrix generated at a time
+
+
+# --------------------------------------------------------------------------- per-example gradients
+
+
+class _LinearTaps:
+    """Hooks on LoRA's linear factors: each one's input and the gradient reaching its output."""
+
+    def __init__(self, modules: dict[str, object]):
+        self.inputs: dict[str, object] = {}
+        self.grads: dict[str, object] = {}
+        self.handles = [module.register_forward_hook(self._tap(name)) for name, module in modules.items()]
+
+    def _tap(self, name):
+        def save_grad(grad):
+            self.grads[name] = grad.detach()
+
+        def hook(module, args, output):
+            self.inputs[name] = args[0].detach()
+            output.register_hook(save_grad)
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def lora_linears(model) -> dict[str, object]:
+    """parameter name -> the nn.Linear holding it, for every trainable weight (LoRA A and B)."""
+    import torch
+
+    out = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.requires_grad:
+            out[f"{module_name}.weight"] = module
+    return out
+
+
+def per_example_grads(model, batches, *, loop: bool = False):
+    """Yield {param name: [B, *shape] tensor} of per-example gradients of each example's mean
+    token loss, for each batch dict (input_ids, labels, attention_mask; right-padded)."""
+    import torch
+    import torch.nn.functional as F
+
+    linears = lora_linears(model)
+    if not linears:
+        raise ValueError("the model has no trainable linear layers (LoRA adapters expected)")
+    for batch in batches:
+        if loop:
+            yield _looped(model, batch, linears)
+            continue
+        taps = _LinearTaps(linears)
+        try:
+            model.zero_grad(set_to_none=True)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            losses = _mean_losses(logits, batch["labels"], F)
+            losses.sum().backward()  # examples are independent: each output gradient row is one example's
+            out = {}
+            for name, module in linears.items():
+                x, g = taps.inputs[name], taps.grads[name]  # [B, T, in], [B, T, out]
+                out[name] = torch.einsum("bto,bti->boi", g, x)
+        finally:
+            taps.remove()
+            model.zero_grad(set_to_none=True)
+        yield out
+
+
+def _mean_losses(logits, labels, F):
+    """Each example's mean cross-entropy over its loss-bearing tokens (HF's per-example loss)."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    per_token = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+    counts = (shift_labels != -100).sum(1).clamp(min=1)
+    return per_token.sum(1) / counts
+
+
+def _looped(model, batch, linears):
+    import torch
+    import torch.nn.functional as F
+
+    rows = []
+    for b in range(batch["input_ids"].shape[0]):
+        model.zero_grad(set_to_none=True)
+        n = int(batch["attention_mask"][b].sum())
+        logits = model(input_ids=batch["input_ids"][b:b + 1, :n], use_cache=False).logits
+        _mean_losses(logits, batch["labels"][b:b + 1, :n], F).sum().backward()
+        rows.append({name: m.weight.grad.detach().clone() for name, m in linears.items()})
+    model.zero_grad(set_to_none=True)
+    return {name: torch.stack([r[name] for r in rows]) for name in linears}
+
+
+# --------------------------------------------------------------------------- features
+
+
+def adam_direction(g, exp_avg, exp_avg_sq):
+    """LESS's Adam-aware gradient: the update direction one Adam step would take from (m, v)."""
+    import torch
+
+    m = BETA1 * exp_avg + (1 - BETA1) * g
+    v = BETA2 * exp_avg_sq + (1 - BETA2) * g * g
+    return m / torch.sqrt(v + EPS)
+
+
+def project(flat, dim: int, seed: int):
+    """[N, D] -> [N, dim] with a seeded Rademacher matrix generated block by block (never stored
+    whole: D x 8192 would not fit in memory for a 1B model's adapters)."""
+    import torch
+
+    out = torch.zeros(flat.shape[0], dim, dtype=torch.float32)
+    for start in range(0, flat.shape[1], PROJECTION_BLOCK):
+        stop = min(start + PROJECTION_BLOCK, flat.shape[1])
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + start // PROJECTION_BLOCK)
+        block = torch.randint(0, 2, (stop - start, dim), generator=generator, dtype=torch.int8).float() * 2 - 1
+        out += flat[:, start:stop].float() @ block
+    return out
+
+
+def features(model, batches, names: list[str], moments: dict | None, dim: int, seed: int,
+             progress=None) -> np.ndarray:
+    """Normalised projected (Adam-aware when `moments` is given) gradients, one row per example.
+    Gradients are projected in chunks of rows so that rows x parameters stays bounded."""
+    import torch
+
+    out, pending, pending_size = [], [], 0
+
+    def flush():
+        nonlocal pending, pending_size
+        if pending:
+            projected = project(torch.cat(pending), dim, seed)
+            out.append(torch.nn.functional.normalize(projected, dim=1).numpy())
+        pending, pending_size = [], 0
+
+    for grads in per_example_grads(model, batches):
+        parts = []
+        for name in names:
+            g = grads[name].flatten(1)
+            if moments is not None:
+                m = moments[name]
+                g = adam_direction(g, m["exp_avg"].flatten()[None], m["exp_avg_sq"].flatten()[None])
+            parts.append(g)
+        flat = torch.cat(parts, dim=1)
+        pending.append(flat)
+        pending_size += flat.numel()
+        if progress:
+            progress(flat.shape[0])
+        if pending_size > 50_000_000:
+            flush()
+    flush()
+    return np.concatenate(out)
+
+
+def less_scores(candidate_feats: list[np.ndarray], target_feats: list[np.ndarray], lrs: list[float],
+                aggregate: str = "mean") -> np.ndarray:
+    """score_i = aggregate_j sum_c w_c <T_c[i], V_c[j]> with w_c = lr_c / sum(lr)."""
+    weights = np.asarray(lrs, dtype=np.float64)
+    weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(lrs), 1 / len(lrs))
+    total = sum(w * (t.astype(np.float64) @ v.astype(np.float64).T)
+                for w, t, v in zip(weights, candidate_feats, target_feats))
+    if aggregate == "mean":
+        return total.mean(axis=1)
+    if aggregate == "max":
+        return total.max(axis=1)
+    raise ValueError(f"aggregate: expected 'mean' or 'max', found {aggregate!r}")
+
+
+def batches_of(examples, batch_size: int, pad_id: int):
+    """Right-padded tensors of tokenised examples (input_ids, labels) in input order."""
+    import torch
+
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        width = max(len(e.input_ids) for e in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for b, e in enumerate(chunk):
+            n = len(e.input_ids)
+            ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+        yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def warmup_rounds(n: int, fraction: float, minimum: int = 8) -> int:
+    return min(n, max(minimum, math.ceil(fraction * n)))
+
+
+def load_checkpoint_model(base_dir: Path, lora: dict, state_path: Path):
+    """The base model with LoRA adapters set to a warmup checkpoint's weights (eval mode)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0, task_type="CAUSAL_LM",
+                        target_modules=lora["targets"])
+    model = get_peft_model(model, config)
+    state = torch.load(state_path / "state.pt", map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["weights"].items():
+            params[name].copy_(value)
+    return model.eval(), state["moments"]

@@ -1,0 +1,97 @@
+"""LESS: per-example LoRA gradients (batched = one backward each), the Adam-aware direction, the
+projection, the scores, and the method on the testbed (tiny-llama, CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from datamill.models import resolve_model
+
+    return resolve_model("builtin:tiny-llama", base_dir=Path("."), cache_dir=tmp_path_factory.mktemp("models"))
+
+
+def lora_model(folder, seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # non-zero B, so that gradients reach A too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def examples(folder):
+    from datamill.registry import function
+
+    convs = [[{"role": "user", "content": f"What is {a} + {a * 2}?"}, {"role": "assistant", "content": f"{a * 3}"}]
+             for a in range(1, 6)]
+    convs.append([{"role": "user", "content": "Name a colour, then another one, then a third, please."},
+                  {"role": "assistant", "content": "Red, green and a rather long blue."}])
+    return function("encode_examples")(folder, convs, max_len=128)
+
+
+def test_batched_per_example_gradients_equal_one_backward_per_example(tiny):
+    from selection.less import batches_of, per_example_grads
+
+    model = lora_model(tiny)
+    exs = examples(tiny)
+    batch = list(batches_of(exs, batch_size=len(exs), pad_id=0))  # different lengths: padding inside
+    fast = next(per_example_grads(model, batch))
+    slow = next(per_example_grads(model, batch, loop=True))
+    assert set(fast) == set(slow) and all("lora_" in name for name in fast)
+    for name in fast:
+        assert fast[name].shape[0] == len(exs)
+        torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=1e-4)
+    assert any(float(g.abs().max()) > 0 for g in fast.values())
+
+
+def test_adam_direction_matches_a_hand_computation():
+    from selection.less import adam_direction
+
+    g = torch.tensor([0.5, -2.0, 0.0])
+    m = torch.tensor([0.1, 0.2, -0.3])
+    v = torch.tensor([0.01, 0.04, 0.0])
+    expected = []
+    for gi, mi, vi in zip(g.tolist(), m.tolist(), v.tolist()):
+        m2 = 0.9 * mi + 0.1 * gi
+        v2 = 0.999 * vi + 0.001 * gi * gi
+        expected.append(m2 / (v2 + 1e-8) ** 0.5)  # no bias correction, eps inside the root (LESS)
+    torch.testing.assert_close(adam_direction(g, m, v), torch.tensor(expected), atol=1e-6, rtol=1e-6)
+
+
+def test_projection_is_fixed_by_the_seed_and_preserves_geometry():
+    from selection.less import project
+
+    x = torch.randn(6, 3000, generator=torch.Generator().manual_seed(0))
+    a, b, c = project(x, 1024, seed=0), project(x, 1024, seed=0), project(x, 1024, seed=1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    cos = torch.nn.functional.cosine_similarity
+    # Johnson-Lindenstrauss: cosines survive the projection roughly
+    assert abs(float(cos(a[0:1], a[1:2])) - float(cos(x[0:1], x[1:2]))) < 0.15
+    assert float(cos(project(x[:1] * 3, 1024, 0), a[:1])) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_scores_weight_checkpoints_by_learning_rate():
+    from selection.less import less_scores
+
+    t1, t2 = np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[0.0, 1.0], [1.0, 0.0]])
+    v = np.array([[1.0, 0.0]])
+    # checkpoint 1 says row 0, checkpoint 2 says row 1; the higher lr wins
+    assert less_scores([t1, t2], [v, v], [3.0, 1.0]).tolist() == [0.75, 0.25]
+    assert less_scores([t1, t2], [v, v], [1.0, 3.0]).tolist() == [0.25, 0.75]
+    two_targets = np.array([[1.0, 0.0], [0.0, -1.0]])
+    assert less_scores([t1], [two_targets], [1.0], aggregate="max").tolist() == [1.0, 0.0]
+    assert less_scores([t1], [two_targets], [1.0], aggregate="mean").tolist() == [0.5, -0.5]
