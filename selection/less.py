@@ -70,7 +70,6 @@ def per_example_grads(model, batches, *, loop: bool = False):
     """Yield {param name: [B, *shape] tensor} of per-example gradients of each example's mean
     token loss, for each batch dict (input_ids, labels, attention_mask; right-padded)."""
     import torch
-    import torch.nn.functional as F
 
     linears = lora_linears(model)
     if not linears:
@@ -82,8 +81,7 @@ def per_example_grads(model, batches, *, loop: bool = False):
         taps = _LinearTaps(linears)
         try:
             model.zero_grad(set_to_none=True)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            losses = _mean_losses(logits, batch["labels"], F)
+            losses = _mean_losses(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             losses.sum().backward()  # examples are independent: each output gradient row is one example's
             out = {}
             for name, module in linears.items():
@@ -95,24 +93,33 @@ def per_example_grads(model, batches, *, loop: bool = False):
         yield out
 
 
-def _mean_losses(logits, labels, F):
-    """Each example's mean cross-entropy over its loss-bearing tokens (HF's per-example loss)."""
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    per_token = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
-    counts = (shift_labels != -100).sum(1).clamp(min=1)
-    return per_token.sum(1) / counts
+def _mean_losses(model, input_ids, attention_mask, labels):
+    """Each example's mean cross-entropy over its loss-bearing tokens (HF's per-example loss).
+    Logits are computed only where a loss is taken (the decoder's hidden states at those
+    positions through the output layer): most tokens are prompt tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    positions = targets != -100
+    logits = base.get_output_embeddings()(hidden[:, :-1][positions]).float()
+    per_token = F.cross_entropy(logits, targets[positions], reduction="none")
+    example = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[positions]
+    sums = torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(0, example, per_token)
+    return sums / positions.sum(1).clamp(min=1)
 
 
 def _looped(model, batch, linears):
     import torch
-    import torch.nn.functional as F
 
     rows = []
     for b in range(batch["input_ids"].shape[0]):
         model.zero_grad(set_to_none=True)
         n = int(batch["attention_mask"][b].sum())
-        logits = model(input_ids=batch["input_ids"][b:b + 1, :n], use_cache=False).logits
-        _mean_losses(logits, batch["labels"][b:b + 1, :n], F).sum().backward()
+        ids = batch["input_ids"][b:b + 1, :n]
+        _mean_losses(model, ids, torch.ones_like(ids), batch["labels"][b:b + 1, :n]).sum().backward()
         rows.append({name: m.weight.grad.detach().clone() for name, m in linears.items()})
     model.zero_grad(set_to_none=True)
     return {name: torch.stack([r[name] for r in rows]) for name in linears}
@@ -214,14 +221,25 @@ def warmup_rounds(n: int, fraction: float, minimum: int = 8) -> int:
 
 def load_checkpoint_model(base_dir: Path, lora: dict, state_path: Path):
     """The base model with LoRA adapters set to a warmup checkpoint's weights (eval mode)."""
+    import warnings
+
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per checkpoint is noise
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0, task_type="CAUSAL_LM",
                         target_modules=lora["targets"])
-    model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, config)
     state = torch.load(state_path / "state.pt", map_location="cpu", weights_only=False)
     params = dict(model.named_parameters())
     with torch.no_grad():

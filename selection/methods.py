@@ -16,6 +16,8 @@ A method's function may also declare any of these keyword arguments to receive t
     seed                the step's seed
     model_dir           the local HF folder of the step's `model` (None when it has none)
     work_dir            a folder for intermediate files that survives an interrupted run
+    cache_dir           a workspace folder kept across steps and runs, for results keyed by
+                        their inputs (LESS's gradient datastore)
     progress            callable(n): n more candidates scored (drives the progress bar)
 """
 
@@ -26,13 +28,13 @@ from typing import Callable
 
 from datamill.errors import SpecError, did_you_mean
 
-CONTEXT_ARGS = ("rows", "target_rows", "seed", "model_dir", "work_dir", "progress")
+CONTEXT_ARGS = ("rows", "target_rows", "seed", "model_dir", "work_dir", "cache_dir", "progress")
 
 _selectors: dict[str, Callable] = {}
 # Built-in methods by module, imported on first use (numpy, zlib, torch... only when needed).
 _BUILTIN = {"zipfit": "selection.builtin:zipfit", "random": "selection.builtin:random_scores",
             "length": "selection.builtin:length", "dsir": "selection.builtin:dsir",
-            "density": "selection.builtin:density"}
+            "density": "selection.builtin:density", "less": "selection.builtin:less"}
 
 
 def register_selector(name: str):

@@ -95,3 +95,53 @@ def test_scores_weight_checkpoints_by_learning_rate():
     two_targets = np.array([[1.0, 0.0], [0.0, -1.0]])
     assert less_scores([t1], [two_targets], [1.0], aggregate="max").tolist() == [1.0, 0.0]
     assert less_scores([t1], [two_targets], [1.0], aggregate="mean").tolist() == [0.5, -0.5]
+
+
+def test_less_on_the_testbed_and_its_datastore_serves_a_second_target(write_spec, tiny, monkeypatch):
+    """One pool, two target tables: the warmup and the candidates' features are computed once.
+    (With builtin:tiny-llama, a random 2-layer model, LESS separates families whose answers look
+    different, such as capitals and sorted lists; families that all answer with numbers
+    (arithmetic, units, code output) need a real model's gradients.)"""
+    monkeypatch.setenv("DATAMILL_MODEL_CACHE", str(tiny.parent))
+    params = "{epochs: 2, warmup_fraction: 0.1, proj_dim: 1024, lr: 0.001, batch_size: 16}"
+    spec = write_spec(f"""
+name: less
+models: {{tiny: builtin:tiny-llama}}
+sources:
+  pool: {{generator: tasks, families: [arithmetic, reverse, sort, capitals, units, code, chat], n: 700, seed: 0}}
+  capitals: {{generator: tasks, families: [capitals], n: 50, seed: 1}}
+  sorting: {{generator: tasks, families: [sort], n: 50, seed: 1}}
+steps:
+  pick_capitals: {{select: {{input: pool, target: capitals, method: less, budget: 100, model: tiny, params: {params}}}}}
+  pick_sort: {{select: {{input: pool, target: sorting, method: less, budget: 100, model: tiny, params: {params}}}}}
+tracking: {{enabled: false}}
+""")
+    from datamill.api import run
+
+    result = run(spec)
+    steps = result.points[-1].steps
+    assert steps["pick_capitals"].stats["target_family_precision"] >= 0.8, steps["pick_capitals"].stats
+    assert steps["pick_sort"].stats["target_family_precision"] >= 0.8, steps["pick_sort"].stats
+    stores = list((result.workspace.root / "shared" / "select" / "less").iterdir())
+    assert len(stores) == 1  # one datastore for the pool, whichever the target
+    assert sorted(p.name for p in stores[0].glob("features-epoch-*.npy")) == ["features-epoch-1.npy",
+                                                                               "features-epoch-2.npy"]
+    scores = result.table("pick_sort__scores")
+    assert scores.height == 700 and scores["selected"].sum() == 100
+
+
+def test_less_without_a_model_is_a_clear_error(write_spec):
+    from datamill.api import run
+    from datamill.errors import StepFailed
+
+    spec = write_spec("""
+name: less_nomodel
+sources:
+  pool: {generator: tasks, families: [arithmetic, chat], n: 20, seed: 0}
+  target: {generator: tasks, families: [arithmetic], n: 5, seed: 1}
+steps:
+  pick: {select: {input: pool, target: target, method: less, budget: 5}}
+tracking: {enabled: false}
+""")
+    with pytest.raises(StepFailed, match="method less needs a model to warm up"):
+        run(spec)

@@ -1,0 +1,106 @@
+"""LESS as a `select` method: warmup, gradient datastore, scores (the maths is in selection/less.py).
+
+The datastore lives in the workspace's shared folder under a key of everything that decides it
+(the pool's contents, the model's identity, the warmup and projection settings):
+
+    <cache_dir>/less/<key>/warmup/epochs/epoch-N/   adapter weights + Adam moments + mean lr
+    <cache_dir>/less/<key>/features-epoch-N.npy     candidate features (Adam-aware, projected)
+
+A second `select` on the same pool with another target table computes only the targets'
+gradients. Files are written to a temp name and renamed, so a killed run never leaves half a
+feature file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from datamill.hashing import hash_obj
+
+
+def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, seed, progress, warmup_fraction,
+             warmup_min, epochs, lr, lora_r, lora_alpha, lora_targets, proj_dim, aggregate, max_len,
+             batch_size, candidate_gradient="adam") -> np.ndarray:
+    from datamill.models import model_identity
+    from datamill.registry import function
+    from selection.less import batches_of, features, less_scores, load_checkpoint_model, warmup_rounds
+
+    pool_convs, loss_on = _conversations(rows, candidates)
+    target_convs, target_loss_on = _conversations(target_rows, targets)
+    lora = {"r": lora_r, "alpha": lora_alpha, "targets": list(lora_targets)}
+    settings = {"pool": hash_obj(pool_convs, 32), "model": model_identity(str(model_dir), Path(model_dir)),
+                "seed": seed, "warmup_fraction": warmup_fraction, "warmup_min": warmup_min, "epochs": epochs,
+                "lr": lr, "lora": lora, "proj_dim": proj_dim, "max_len": max_len, "loss_on": loss_on,
+                "candidate_gradient": candidate_gradient, "version": 1}
+    store = Path(cache_dir) / "less" / hash_obj(settings)
+    store.mkdir(parents=True, exist_ok=True)
+    (store / "settings.json").write_text(json.dumps(settings, indent=2))
+
+    states = _warmup(function("fine_tune"), model_dir, pool_convs, loss_on, store, lora, seed=seed,
+                     fraction=warmup_fraction, minimum=warmup_min, epochs=epochs, lr=lr, max_len=max_len,
+                     batch_size=batch_size, rounds=warmup_rounds)
+    encode = function("encode_examples")
+    pool_examples = encode(model_dir, pool_convs, loss_on=loss_on, max_len=max_len)
+    target_examples = encode(model_dir, target_convs, loss_on=target_loss_on, max_len=max_len)
+    pad_id = 0
+    cand_feats, target_feats, lrs = [], [], []
+    for state in states:
+        model, moments = load_checkpoint_model(Path(model_dir), lora, Path(state["path"]))
+        names = sorted(moments)
+        cached = store / f"features-epoch-{state['epoch']}.npy"
+        if cached.is_file():
+            feats = np.load(cached)
+            if progress:
+                progress(len(pool_examples) / len(states))
+        else:
+            step = (lambda n: progress(n / len(states))) if progress else None
+            feats = features(model, batches_of(pool_examples, batch_size, pad_id), names,
+                             moments if candidate_gradient == "adam" else None, proj_dim, seed, progress=step)
+            _save_npy(cached, feats)
+        cand_feats.append(feats)
+        target_feats.append(features(model, batches_of(target_examples, batch_size, pad_id), names, None,
+                                     proj_dim, seed))
+        lrs.append(state["mean_lr"])
+    return less_scores(cand_feats, target_feats, lrs, aggregate)
+
+
+def _conversations(table, texts: list[str]):
+    """Conversations (loss on assistant turns) when the table has messages, else texts (all tokens)."""
+    if table is not None and "messages" in table.columns:
+        return [[{"role": m["role"], "content": m["content"]} for m in ms] for ms in table["messages"].to_list()], \
+            "assistant"
+    return list(texts), "all"
+
+
+def _warmup(fine_tune, model_dir, convs, loss_on, store: Path, lora: dict, *, seed, fraction, minimum, epochs, lr,
+            max_len, batch_size, rounds) -> list[dict]:
+    """The warmup's per-epoch states, trained once per datastore key (resumable: fine_tune's
+    checkpoints live in the store)."""
+    done = store / "warmup" / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    k = rounds(len(convs), fraction, minimum)
+    picked = np.random.default_rng(seed).permutation(len(convs))[:k]
+    result = fine_tune(model_dir, [convs[i] for i in picked], store / "warmup", state_dir=store / "warmup-state",
+                       lora={"r": lora["r"], "alpha": lora["alpha"], "dropout": 0.1, "targets": lora["targets"]},
+                       epochs=epochs, lr=lr, schedule="linear", warmup=0.03, max_len=max_len, batch_size=batch_size,
+                       seed=seed, loss_on=loss_on, epoch_checkpoints=True, checkpoint_every=None)
+    states = result["epoch_states"]
+    _write_atomic(done, json.dumps(states))
+    return states
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
