@@ -66,3 +66,38 @@ def less(candidates: list[str], targets: list[str], *, rows, target_rows, model_
                     lora_targets=lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj"], proj_dim=proj_dim,
                     aggregate=aggregate, max_len=max_len, batch_size=batch_size,
                     candidate_gradient=candidate_gradient)
+
+
+def perplexity(candidates: list[str], targets: list[str], *, model_dir, prefer: str = "low", batch_size: int = 16,
+               max_length: int = 512, progress=None) -> np.ndarray:
+    """Perplexity under a reference model (the step's `model`), a target-agnostic baseline: each
+    text's mean token negative log-likelihood; `prefer: low` keeps the most predictable texts
+    first (score = -NLL), `high` the most surprising."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_dir is None:
+        raise ValueError("method perplexity needs a reference model: set `model:` in the select step")
+    if prefer not in ("low", "high"):
+        raise ValueError(f"prefer: expected 'low' or 'high', found {prefer!r}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    nll = []
+    with torch.no_grad():
+        for start in range(0, len(candidates), batch_size):
+            texts = [t if t else (tokenizer.eos_token or " ") for t in candidates[start:start + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+            logits = model(**batch).logits[:, :-1].float()
+            targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+            per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+            counts = (targets != -100).sum(1)
+            # a one-token text has nothing to predict: NLL 0, ranked as the most predictable
+            nll.extend((per_token.sum(1) / counts.clamp(min=1)).tolist())
+            if progress:
+                progress(len(texts))
+    nll = np.asarray(nll, dtype=np.float64)
+    return -nll if prefer == "low" else nll

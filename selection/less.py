@@ -152,7 +152,7 @@ def project(flat, dim: int, seed: int):
 
 
 def features(model, batches, names: list[str], moments: dict | None, dim: int, seed: int,
-             progress=None) -> np.ndarray:
+             progress=None, loop: bool = False) -> np.ndarray:
     """Normalised projected (Adam-aware when `moments` is given) gradients, one row per example.
     Gradients are projected in chunks of rows so that rows x parameters stays bounded."""
     import torch
@@ -166,7 +166,7 @@ def features(model, batches, names: list[str], moments: dict | None, dim: int, s
             out.append(torch.nn.functional.normalize(projected, dim=1).numpy())
         pending, pending_size = [], 0
 
-    for grads in per_example_grads(model, batches):
+    for grads in per_example_grads(model, batches, loop=loop):
         parts = []
         for name in names:
             g = grads[name].flatten(1)

@@ -34,7 +34,8 @@ _selectors: dict[str, Callable] = {}
 # Built-in methods by module, imported on first use (numpy, zlib, torch... only when needed).
 _BUILTIN = {"zipfit": "selection.builtin:zipfit", "random": "selection.builtin:random_scores",
             "length": "selection.builtin:length", "dsir": "selection.builtin:dsir",
-            "density": "selection.builtin:density", "less": "selection.builtin:less"}
+            "density": "selection.builtin:density", "less": "selection.builtin:less",
+            "perplexity": "selection.builtin:perplexity"}
 
 
 def register_selector(name: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import string
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +274,21 @@ def test_log_density_is_offered_to_other_stages():
     train = ["What is 2 + 3?", "What is 10 + 7?", "What is 4 + 4?"]
     scores = function("log_density")(["What is 5 + 1?", "The capital of Peru is Lima."], train)
     assert scores[0] > scores[1]
+
+
+def test_perplexity_baseline_ranks_predictable_text_first(tmp_path, monkeypatch):
+    """A model that has only seen one sentence finds it far more predictable than noise."""
+    from selection.builtin import perplexity
+    from datamill.models import resolve_model
+
+    tiny = resolve_model("builtin:tiny-llama", base_dir=tmp_path, cache_dir=tmp_path / "models")
+    from train.api import fine_tune
+
+    seen = "the cat sat on the mat and looked at the dog"
+    out = fine_tune(tiny, [seen] * 16, tmp_path / "ft", loss_on="all", max_steps=30, lr=0.01, batch_size=4,
+                    packing="off", checkpoint_every=None)
+    texts = [seen, "zq xv wj kk pp qq rr zz yy xx", ""]
+    low = perplexity(texts, [], model_dir=Path(out["model_dir"]))
+    assert low[0] > low[1] and np.isfinite(low).all()
+    high = perplexity(texts, [], model_dir=Path(out["model_dir"]), prefer="high")
+    np.testing.assert_allclose(high, -low)
