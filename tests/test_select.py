@@ -263,8 +263,9 @@ def test_kde_log_density_on_a_2d_toy_with_a_known_answer():
         bandwidth_for(data, "silverman-ish")
 
 
-def test_density_finds_the_target_family(write_spec):
-    result = run(make_testbed(write_spec, "capitals", "density"))
+@pytest.mark.parametrize("family", ["arithmetic", "capitals", "code"])
+def test_density_finds_the_target_family(write_spec, family):
+    result = run(make_testbed(write_spec, family, "density"))
     assert result.points[-1].steps["pick"].stats["target_family_precision"] >= 0.8
 
 
