@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     from datagen.tasks import generate_tasks
     from datamill.models import resolve_model
     from datamill.registry import function
-    from selection.less import batches_of, features
+    from selection.less import features
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=512)
@@ -65,8 +65,8 @@ def main(argv=None) -> None:
         feats = {}
         for mode in ("batched", "looped"):
             start = time.perf_counter()
-            feats[mode] = features(model, batches_of(examples, args.batch_size, 0), names, moments, args.proj_dim,
-                                   seed=0, loop=mode == "looped")
+            feats[mode] = features(model, examples, names, moments, args.proj_dim, seed=0,
+                                   batch_size=args.batch_size, loop=mode == "looped")
             timings[mode] = time.perf_counter() - start
             print(f"{name} {mode}: {timings[mode]:.1f} s", flush=True)
         diff = float(abs(feats["batched"] - feats["looped"]).max())
@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     result = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "torch": torch.__version__,
                           "python": platform.python_version()},
               "date": time.strftime("%Y-%m-%d"), "batch_size": args.batch_size, "proj_dim": args.proj_dim,
-              "rows": rows, "goal_speedup": 3.0, "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/less_grads.py"}
+              "rows": rows, "goal_speedup": 3.0, "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/less_grads.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     (ROOT / "bench" / "less_grads.json").write_text(json.dumps(result, indent=2) + "\n")
     (ROOT / "bench" / "less_grads.md").write_text(markdown(result))
     print(markdown(result))
@@ -104,8 +104,8 @@ def markdown(r: dict) -> str:
                      f"{row['max_abs_diff']:.1e} |")
     lines += ["", f"Goal (selection issue): >= {r['goal_speedup']}x on CPU, features equal to ~1e-5. Not met for "
               "SmolLM2 on this CPU: a 135M model's forward and backward over ~100-token examples are already "
-              "compute-bound one example at a time (the profile is matmuls, not per-call overhead), and the "
-              "batch adds padding; the batched path pays off where per-example calls are latency-bound (tiny "
+              "compute-bound one example at a time (the profile is matmuls, not per-call overhead; batches are "
+              "length-sorted, so padding is small); the batched path pays off where per-example calls are latency-bound (tiny "
               "models, GPUs: untested here, no GPU in this task). The projection (a dense seeded Rademacher "
               "matrix made block by block) costs ~3 s per 54 x 921,600 chunk at 512 dims and grows linearly "
               "with the dimension: 8192 dims on CPU needs a faster projector.", "",

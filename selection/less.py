@@ -151,11 +151,15 @@ def project(flat, dim: int, seed: int):
     return out
 
 
-def features(model, batches, names: list[str], moments: dict | None, dim: int, seed: int,
-             progress=None, loop: bool = False) -> np.ndarray:
-    """Normalised projected (Adam-aware when `moments` is given) gradients, one row per example.
-    Gradients are projected in chunks of rows so that rows x parameters stays bounded."""
+def features(model, examples, names: list[str], moments: dict | None, dim: int, seed: int, *,
+             batch_size: int = 8, pad_id: int = 0, progress=None, loop: bool = False) -> np.ndarray:
+    """Normalised projected (Adam-aware when `moments` is given) gradients, one row per example,
+    in the examples' order. Batches are formed from length-sorted examples (little padding), and
+    gradients are projected in chunks of rows so that rows x parameters stays bounded."""
     import torch
+
+    order = np.argsort([len(e.input_ids) for e in examples], kind="stable")
+    batches = batches_of([examples[i] for i in order], batch_size, pad_id)
 
     out, pending, pending_size = [], [], 0
 
@@ -182,7 +186,10 @@ def features(model, batches, names: list[str], moments: dict | None, dim: int, s
         if pending_size > 50_000_000:
             flush()
     flush()
-    return np.concatenate(out)
+    sorted_rows = np.concatenate(out)
+    rows = np.empty_like(sorted_rows)
+    rows[order] = sorted_rows
+    return rows
 
 
 def less_scores(candidate_feats: list[np.ndarray], target_feats: list[np.ndarray], lrs: list[float],

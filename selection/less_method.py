@@ -27,7 +27,7 @@ def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, se
              batch_size, candidate_gradient="adam") -> np.ndarray:
     from datamill.models import model_identity
     from datamill.registry import function
-    from selection.less import batches_of, features, less_scores, load_checkpoint_model, warmup_rounds
+    from selection.less import features, less_scores, load_checkpoint_model, warmup_rounds
 
     pool_convs, loss_on = _conversations(rows, candidates)
     target_convs, target_loss_on = _conversations(target_rows, targets)
@@ -46,7 +46,6 @@ def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, se
     encode = function("encode_examples")
     pool_examples = encode(model_dir, pool_convs, loss_on=loss_on, max_len=max_len)
     target_examples = encode(model_dir, target_convs, loss_on=target_loss_on, max_len=max_len)
-    pad_id = 0
     cand_feats, target_feats, lrs = [], [], []
     for state in states:
         model, moments = load_checkpoint_model(Path(model_dir), lora, Path(state["path"]))
@@ -58,12 +57,11 @@ def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, se
                 progress(len(pool_examples) / len(states))
         else:
             step = (lambda n: progress(n / len(states))) if progress else None
-            feats = features(model, batches_of(pool_examples, batch_size, pad_id), names,
-                             moments if candidate_gradient == "adam" else None, proj_dim, seed, progress=step)
+            feats = features(model, pool_examples, names, moments if candidate_gradient == "adam" else None,
+                             proj_dim, seed, batch_size=batch_size, progress=step)
             _save_npy(cached, feats)
         cand_feats.append(feats)
-        target_feats.append(features(model, batches_of(target_examples, batch_size, pad_id), names, None,
-                                     proj_dim, seed))
+        target_feats.append(features(model, target_examples, names, None, proj_dim, seed, batch_size=batch_size))
         lrs.append(state["mean_lr"])
     return less_scores(cand_feats, target_feats, lrs, aggregate)
 

@@ -145,3 +145,14 @@ tracking: {enabled: false}
 """)
     with pytest.raises(StepFailed, match="method less needs a model to warm up"):
         run(spec)
+
+
+def test_features_keep_the_examples_order_whatever_the_batching(tiny):
+    from selection.less import features, lora_linears
+
+    model = lora_model(tiny)
+    exs = examples(tiny)
+    names = sorted(lora_linears(model))
+    a = features(model, exs, names, None, 256, seed=0, batch_size=4)  # length-sorted batches
+    b = np.concatenate([features(model, [e], names, None, 256, seed=0) for e in exs])  # one at a time
+    np.testing.assert_allclose(a, b, atol=1e-5)
