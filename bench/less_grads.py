@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_name, model_cache  # noqa: E402  (bench/machine.py)
+
 
 def main(argv=None) -> None:
     import torch
@@ -40,7 +42,7 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", default=["tiny-llama"])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--proj-dim", type=int, default=8192)
-    parser.add_argument("--cache-dir", default=os.environ.get("DATAMILL_MODEL_CACHE", "/tmp/datamill-bench-models"))
+    parser.add_argument("--cache-dir", default=str(model_cache()), help="where builtin models are built")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     convs = [row["messages"] for row in generate_tasks(None, args.examples, 0)]
@@ -75,20 +77,13 @@ def main(argv=None) -> None:
                      "speedup": round(timings["looped"] / timings["batched"], 2),
                      "batched_examples_per_s": round(len(examples) / timings["batched"], 1),
                      "max_abs_diff": diff})
-    result = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "torch": torch.__version__,
+    result = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                           "python": platform.python_version()},
               "date": time.strftime("%Y-%m-%d"), "batch_size": args.batch_size, "proj_dim": args.proj_dim,
               "rows": rows, "goal_speedup": 3.0, "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/less_grads.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     (ROOT / "bench" / "less_grads.json").write_text(json.dumps(result, indent=2) + "\n")
     (ROOT / "bench" / "less_grads.md").write_text(markdown(result))
     print(markdown(result))
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def markdown(r: dict) -> str:

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_name, model_cache  # noqa: E402  (bench/machine.py)
+
 FAMILIES = ["arithmetic", "reverse", "sort", "capitals", "units", "code", "chat"]
 TARGETS = ["arithmetic", "capitals", "code", "sort"]
 METHODS = {  # method -> (params, needs the model)
@@ -67,7 +69,7 @@ def main() -> None:
     progress.set_quiet(True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ.setdefault("DATAMILL_MODEL_CACHE", str(Path(tmp) / "models"))
+        os.environ.setdefault("DATAMILL_MODEL_CACHE", str(model_cache()))
         for family in TARGETS:
             for method in METHODS:
                 folder = Path(tmp) / f"{family}-{method}"
@@ -80,19 +82,12 @@ def main() -> None:
                                 "select_seconds": round(stats["seconds"]["score"], 2), "run_seconds": round(seconds, 2)})
                 print(f"{family:10s} {method:10s} precision {stats['target_family_precision']:.3f} "
                       f"scoring {stats['seconds']['score']:.1f} s", flush=True)
-    out = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
+    out = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
            "date": time.strftime("%Y-%m-%d"), "results": results,
            "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/selection_quality.py"}
     (ROOT / "bench" / "selection_quality.json").write_text(json.dumps(out, indent=2) + "\n")
     (ROOT / "bench" / "selection_quality.md").write_text(markdown(out))
     print(markdown(out))
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def markdown(r: dict) -> str:

@@ -80,6 +80,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from machine import cpu_name, model_cache  # noqa: E402  (bench/machine.py)
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -433,14 +435,7 @@ def machine_info(threads: int) -> dict:
         trl_version = trl.__version__
     except ImportError:
         trl_version = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
             "system": platform.system(), "torch": torch.__version__, "transformers": transformers.__version__,
             "trl": trl_version, "accelerate": accelerate.__version__, "peft": peft.__version__,
             "date": datetime.date.today().isoformat()}
@@ -459,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps of datamill's epoch (default: per model)")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing (>= 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker")
-    parser.add_argument("--cache-dir", default="/tmp/datamill-bench-models", help="where builtin models are built")
+    parser.add_argument("--cache-dir", default=str(model_cache()), help="where builtin models are built")
     parser.add_argument("--peak-flops", type=float, default=989e12,
                         help="GPU peak FLOP/s for MFU (default: H100 SXM dense bf16); unused on CPU")
     parser.add_argument("--max-wait", type=float, default=60,

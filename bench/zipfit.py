@@ -34,6 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_name  # noqa: E402  (bench/machine.py)
+
 _TARGETS: list[str] = []
 _LEVEL = 9
 
@@ -116,7 +118,7 @@ def main(argv=None) -> None:
         _, dsir_s = timed(lambda: dsir_log_weights(candidates, targets, Path(tmp)))
     print(f"DSIR (data-selection, 1 process): {dsir_s:.1f} s", flush=True)
     result = {
-        "machine": {"cpu": _cpu(), "cores": workers, "python": platform.python_version(),
+        "machine": {"cpu": cpu_name(), "cores": workers, "python": platform.python_version(),
                     "load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2)},
         "date": time.strftime("%Y-%m-%d"), "candidates": len(candidates), "targets": len(targets),
         "pairs": len(candidates) * len(targets), "rows": rows, "dsir_s": round(dsir_s, 2),
@@ -127,16 +129,6 @@ def main(argv=None) -> None:
     if not args.quick:
         (ROOT / "bench" / "zipfit.json").write_text(json.dumps(result, indent=2) + "\n")
         (ROOT / "bench" / "zipfit.md").write_text(markdown(result))
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def markdown(r: dict) -> str:
