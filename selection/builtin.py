@@ -45,27 +45,14 @@ def density(candidates: list[str], targets: list[str], *, model_dir=None, bandwi
                           embed(targets, folder, batch_size=batch_size), bandwidth)
 
 
-def less(candidates: list[str], targets: list[str], *, rows, target_rows, model_dir, cache_dir, seed: int = 0,
-         progress=None, warmup_fraction: float = 0.05, warmup_min: int = 8, epochs: int = 4, lr: float = 2e-5,
-         lora_r: int = 8, lora_alpha: float = 32, lora_targets: list[str] | None = None, proj_dim: int = 8192,
-         aggregate: str = "mean", max_len: int = 512, batch_size: int = 8,
-         candidate_gradient: str = "adam") -> np.ndarray:
+def less(candidates: list[str], targets: list[str], **context_and_params) -> np.ndarray:
     """LESS: warm up LoRA on a slice of the pool, then score candidates by the lr-weighted cosine
-    of their Adam-aware gradients with the targets' gradients (selection/less.py). Needs the
-    step's `model`. The warmup checkpoints and candidate features are kept in the workspace
-    (keyed by pool, model and settings), so another target reuses them."""
+    of their Adam-aware gradients with the targets' gradients. Its params and defaults are
+    `run_less`'s (selection/less_method.py). Needs the step's `model`."""
     from selection.less_method import run_less
 
-    if model_dir is None:
-        raise ValueError("method less needs a model to warm up: set `model:` in the select step")
-    if candidate_gradient not in ("adam", "sgd"):
-        raise ValueError(f"candidate_gradient: expected 'adam' (LESS's default) or 'sgd', found {candidate_gradient!r}")
-    return run_less(candidates, targets, rows=rows, target_rows=target_rows, model_dir=model_dir,
-                    cache_dir=cache_dir, seed=seed, progress=progress, warmup_fraction=warmup_fraction,
-                    warmup_min=warmup_min, epochs=epochs, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
-                    lora_targets=lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj"], proj_dim=proj_dim,
-                    aggregate=aggregate, max_len=max_len, batch_size=batch_size,
-                    candidate_gradient=candidate_gradient)
+    context_and_params.pop("work_dir", None)  # LESS keeps its datastore in cache_dir
+    return run_less(candidates, targets, **context_and_params)
 
 
 def perplexity(candidates: list[str], targets: list[str], *, model_dir, prefer: str = "low", batch_size: int = 16,

@@ -21,7 +21,6 @@ does one backward per example instead, the reference the tests compare against.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -220,10 +219,6 @@ def batches_of(examples, batch_size: int, pad_id: int):
             n = len(e.input_ids)
             ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
         yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def warmup_rounds(n: int, fraction: float, minimum: int = 8) -> int:
-    return min(n, max(minimum, math.ceil(fraction * n)))
 
 
 def load_checkpoint_model(base_dir: Path, lora: dict, state_path: Path):

@@ -14,6 +14,7 @@ feature file.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -22,12 +23,21 @@ import numpy as np
 from datamill.hashing import hash_obj
 
 
-def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, seed, progress, warmup_fraction,
-             warmup_min, epochs, lr, lora_r, lora_alpha, lora_targets, proj_dim, aggregate, max_len,
-             batch_size, candidate_gradient="adam") -> np.ndarray:
+def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, seed: int = 0, progress=None,
+             warmup_fraction: float = 0.05, warmup_min: int = 8, epochs: int = 4, lr: float = 2e-5, lora_r: int = 8,
+             lora_alpha: float = 32, lora_targets: list[str] | None = None, proj_dim: int = 8192,
+             aggregate: str = "mean", max_len: int = 512, batch_size: int = 8,
+             candidate_gradient: str = "adam") -> np.ndarray:
+    """Scores of the `less` method. Defaults follow LESS (4 epochs, lr 2e-5, 5% warmup slice,
+    8192 dims) except the LoRA rank (8, alpha 32: the reference's 128/512 is slow on a CPU)."""
+    if model_dir is None:
+        raise ValueError("method less needs a model to warm up: set `model:` in the select step")
+    if candidate_gradient not in ("adam", "sgd"):
+        raise ValueError(f"candidate_gradient: expected 'adam' (LESS's default) or 'sgd', found {candidate_gradient!r}")
+    lora_targets = lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj"]
     from datamill.models import model_identity
     from datamill.registry import function
-    from selection.less import features, less_scores, load_checkpoint_model, warmup_rounds
+    from selection.less import features, less_scores, load_checkpoint_model
 
     pool_convs, loss_on = _conversations(rows, candidates)
     target_convs, target_loss_on = _conversations(target_rows, targets)
@@ -42,7 +52,7 @@ def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, se
 
     states = _warmup(function("fine_tune"), model_dir, pool_convs, loss_on, store, lora, seed=seed,
                      fraction=warmup_fraction, minimum=warmup_min, epochs=epochs, lr=lr, max_len=max_len,
-                     batch_size=batch_size, rounds=warmup_rounds)
+                     batch_size=batch_size)
     encode = function("encode_examples")
     pool_examples = encode(model_dir, pool_convs, loss_on=loss_on, max_len=max_len)
     target_examples = encode(model_dir, target_convs, loss_on=target_loss_on, max_len=max_len)
@@ -75,13 +85,13 @@ def _conversations(table, texts: list[str]):
 
 
 def _warmup(fine_tune, model_dir, convs, loss_on, store: Path, lora: dict, *, seed, fraction, minimum, epochs, lr,
-            max_len, batch_size, rounds) -> list[dict]:
+            max_len, batch_size) -> list[dict]:
     """The warmup's per-epoch states, trained once per datastore key (resumable: fine_tune's
     checkpoints live in the store)."""
     done = store / "warmup" / "done.json"
     if done.is_file():
         return json.loads(done.read_text())
-    k = rounds(len(convs), fraction, minimum)
+    k = min(len(convs), max(minimum, math.ceil(fraction * len(convs))))
     picked = np.random.default_rng(seed).permutation(len(convs))[:k]
     result = fine_tune(model_dir, [convs[i] for i in picked], store / "warmup", state_dir=store / "warmup-state",
                        lora={"r": lora["r"], "alpha": lora["alpha"], "dropout": 0.1, "targets": lora["targets"]},

@@ -107,7 +107,7 @@ def test_truncation_is_flagged(tokenizer):
 
 def test_packed_batch_loss_equals_sum_of_per_example_losses(tiny, tokenizer):
     from train.data import collate, encode, pack
-    from train.loop import _forward_loss, _LossPositions, packing_supported
+    from train.loop import _forward_loss, _LossPositions, _NoSelect, packing_supported
 
     model = load_model(tiny).eval()
     convs = [CONVERSATION, CONVERSATION[1:3], [{"role": "user", "content": "Capital of France?"},
@@ -117,8 +117,7 @@ def test_packed_batch_loss_equals_sum_of_per_example_losses(tiny, tokenizer):
     assert packing_supported(model)
     rows = pack([len(e.input_ids) for e in examples], max_len=256)
     assert sorted(i for row in rows for i in row) == [0, 1, 2] and len(rows) == 1
-    for select in (_LossPositions(model), None):  # logits at loss positions only, and full logits
-        select = select or type("NoSelect", (), {"enabled": False, "positions": None})()
+    for select in (_LossPositions(model), _NoSelect()):  # logits at loss positions only, and full logits
         with torch.no_grad():
             packed = _forward_loss(model, collate(rows, examples, labels, packed=True, pad_id=0, row_len=256), select)
             alone = sum(_forward_loss(model, collate([[i]], examples, labels, packed=False, pad_id=0), select)
