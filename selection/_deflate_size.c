@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #define WSIZE 32768u
 #define WMASK (WSIZE - 1)
@@ -66,6 +67,7 @@ static uint8_t dist_extra[D_CODES];
 static uint8_t lit_fixed[L_CODES];   /* fixed-code lengths (RFC 1951 3.2.6) */
 static uint8_t dist_fixed[D_CODES];
 static const uint8_t BL_EXTRA[BL_CODES] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, 7};
+static double log2_of[BLOCK_SYMBOLS + 2]; /* fast mode's code lengths */
 static const uint8_t BL_ORDER[BL_CODES] = {16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15};
 
 static void init_tables(void) {
@@ -88,6 +90,7 @@ static void init_tables(void) {
         dist_extra[n] = dbits[n];
         dist_fixed[n] = 5;
     }
+    for (n = 1; n < BLOCK_SYMBOLS + 2; n++) log2_of[n] = log2((double)n);
 }
 
 /* ---- Huffman code lengths, the way zlib chooses them --------------------------------------- */
@@ -235,6 +238,48 @@ static void code_lengths(tree_work *t, const tree_kind *kind, const uint16_t *sy
     }
 }
 
+/* Fast mode's stand-in for code_lengths: each code gets its ideal length, -log2 of its share of
+   the block, rounded and clipped to 1..max_length; no tree, no tie-breaking. Codes are padded to
+   two as zlib does, so the header is counted the same way. */
+static void estimated_code_lengths(tree_work *t, const tree_kind *kind, const uint16_t *syms, int nsyms,
+                                   const uint32_t *freq, code_set *out, long *dynamic_bits, long *fixed_bits) {
+    long total = 0;
+    double log2_total;
+    int i, used = nsyms ? syms[nsyms - 1] : -1;
+    (void)t;
+    for (i = 0; i < nsyms; i++) total += freq[syms[i]];
+    log2_total = log2_of[total ? total : 1];
+    out->count = 0;
+    if (nsyms < 2) { /* one or no code: zlib's padding, every length 1 */
+        int pad = used < 2 ? used + 1 : 0;
+        if (nsyms == 0) { out->sym[0] = 0; out->sym[1] = 1; }
+        else if (pad < syms[0]) { out->sym[0] = (uint16_t)pad; out->sym[1] = syms[0]; }
+        else { out->sym[0] = syms[0]; out->sym[1] = (uint16_t)pad; }
+        out->len[0] = out->len[1] = 1;
+        out->count = 2;
+        for (i = 0; i < nsyms; i++) {
+            long f = freq[syms[i]];
+            *dynamic_bits += f * (1 + kind->extra[syms[i]]);
+            if (kind->fixed) *fixed_bits += f * (kind->fixed[syms[i]] + kind->extra[syms[i]]);
+        }
+        return;
+    }
+    for (i = 0; i < nsyms; i++) {
+        int n = syms[i], len = (int)(log2_total - log2_of[freq[n]] + 0.5);
+        long f = freq[n];
+        if (len < 1) len = 1;
+        if (len > (int)kind->max_length) len = (int)kind->max_length;
+        out->sym[i] = (uint16_t)n;
+        out->len[i] = (uint8_t)len;
+        *dynamic_bits += f * (len + kind->extra[n]);
+        if (kind->fixed) *fixed_bits += f * (kind->fixed[n] + kind->extra[n]);
+    }
+    out->count = nsyms;
+}
+
+typedef void (*lengths_fn)(tree_work *, const tree_kind *, const uint16_t *, int, const uint32_t *, code_set *,
+                           long *, long *);
+
 /* Count the code-length symbols that describe lengths 0..(last code) of `codes`: runs of zeros
    as 17 (3-10) / 18 (11-138), a new length once then 16 (repeat 3-6), as zlib splits them. */
 static void count_header_symbols(const code_set *codes, uint32_t *bl_freq) {
@@ -267,6 +312,7 @@ typedef struct {
     uint16_t prev[WSIZE];
     uint32_t stamp;
     unsigned ins_h;
+    lengths_fn lengths; /* code_lengths (exact) or estimated_code_lengths (fast) */
     uint32_t lit_freq[L_CODES];
     uint64_t lit_used[5]; /* bitmap of the codes with a nonzero frequency */
     uint32_t dist_freq[D_CODES];
@@ -299,13 +345,13 @@ static void end_block(deflater *s, unsigned end) {
 
     nlit = used_codes(s->lit_used, 5, lit_syms);
     ndist = used_codes(&dist_bitmap, 1, dist_syms);
-    code_lengths(&s->work, &LIT_TREE, lit_syms, nlit, s->lit_freq, &s->lit_codes, &dynamic_bits, &fixed_bits);
-    code_lengths(&s->work, &DIST_TREE, dist_syms, ndist, s->dist_freq, &s->dist_codes, &dynamic_bits, &fixed_bits);
+    s->lengths(&s->work, &LIT_TREE, lit_syms, nlit, s->lit_freq, &s->lit_codes, &dynamic_bits, &fixed_bits);
+    s->lengths(&s->work, &DIST_TREE, dist_syms, ndist, s->dist_freq, &s->dist_codes, &dynamic_bits, &fixed_bits);
     count_header_symbols(&s->lit_codes, bl_freq);
     count_header_symbols(&s->dist_codes, bl_freq);
     for (i = 0; i < BL_CODES; i++)
         if (bl_freq[i]) bl_syms[nbl++] = (uint16_t)i;
-    code_lengths(&s->work, &BL_TREE, bl_syms, nbl, bl_freq, &s->bl_codes, &dynamic_bits, &unused);
+    s->lengths(&s->work, &BL_TREE, bl_syms, nbl, bl_freq, &s->bl_codes, &dynamic_bits, &unused);
     for (i = 0; i < s->bl_codes.count; i++) bl_len[s->bl_codes.sym[i]] = s->bl_codes.len[i];
     for (last_bl = BL_CODES - 1; last_bl >= 3; last_bl--)
         if (bl_len[BL_ORDER[last_bl]] != 0) break;
@@ -502,9 +548,10 @@ static long deflate_size(deflater *s, const char *a, Py_ssize_t na, const char *
                                 : parse_greedy(s, (unsigned)(na + nb), cfg);
 }
 
-static deflater *new_deflater(void) {
+static deflater *new_deflater(int fast) {
     deflater *s = (deflater *)calloc(1, sizeof(deflater));
-    if (s) { /* an empty block holds the end-of-block code once */
+    if (s) {
+        s->lengths = fast ? estimated_code_lengths : code_lengths; /* an empty block holds the end-of-block code once */
         s->lit_freq[END_BLOCK] = 1;
         s->lit_used[END_BLOCK >> 6] |= 1ull << (END_BLOCK & 63);
     }
@@ -545,20 +592,21 @@ static int bytes_views(PyObject *seq, const char *what, view **out, Py_ssize_t *
     return 0;
 }
 
-PyDoc_STRVAR(sizes_doc, "sizes(texts: list[bytes], level: int) -> list[int]\n\n"
-                        "len(zlib.compress(t, level, -15)) for each text, -1 where not covered.");
+PyDoc_STRVAR(sizes_doc, "sizes(texts: list[bytes], level: int, fast: bool = False) -> list[int]\n\n"
+                        "len(zlib.compress(t, level, -15)) for each text, -1 where not covered.\n"
+                        "fast: Huffman code lengths estimated from the symbol counts (not exact).");
 
 static PyObject *py_sizes(PyObject *self, PyObject *args) {
     PyObject *seq, *out;
-    int level;
+    int level, fast = 0;
     view *texts;
     Py_ssize_t n, i;
     long *result;
     deflater *s;
-    if (!PyArg_ParseTuple(args, "Oi", &seq, &level)) return NULL;
+    if (!PyArg_ParseTuple(args, "Oi|p", &seq, &level, &fast)) return NULL;
     if (bytes_views(seq, "texts", &texts, &n) < 0) return NULL;
     result = (long *)PyMem_Malloc(sizeof(long) * (size_t)(n ? n : 1));
-    s = new_deflater();
+    s = new_deflater(fast);
     if (!result || !s) {
         PyMem_Free(texts);
         PyMem_Free(result);
@@ -576,18 +624,19 @@ static PyObject *py_sizes(PyObject *self, PyObject *args) {
     return out;
 }
 
-PyDoc_STRVAR(pair_sizes_doc, "pair_sizes(xs: list[bytes], ys: list[bytes], level: int, out: writable buffer)\n\n"
+PyDoc_STRVAR(pair_sizes_doc, "pair_sizes(xs: list[bytes], ys: list[bytes], level: int, out: writable buffer,\n"
+                             "           fast: bool = False)\n\n"
                              "Fill `out` (int32, len(xs) * len(ys), row-major) with the raw DEFLATE size of\n"
                              "x + y for every pair, -1 where not covered. Releases the GIL.");
 
 static PyObject *py_pair_sizes(PyObject *self, PyObject *args) {
     PyObject *xs_seq, *ys_seq;
     Py_buffer out;
-    int level;
+    int level, fast = 0;
     view *xs, *ys;
     Py_ssize_t nx, ny, i, j;
     deflater *s;
-    if (!PyArg_ParseTuple(args, "OOiw*", &xs_seq, &ys_seq, &level, &out)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOiw*|p", &xs_seq, &ys_seq, &level, &out, &fast)) return NULL;
     if (bytes_views(xs_seq, "xs", &xs, &nx) < 0) {
         PyBuffer_Release(&out);
         return NULL;
@@ -604,7 +653,7 @@ static PyObject *py_pair_sizes(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "out is smaller than len(xs) * len(ys) int32 values");
         return NULL;
     }
-    s = new_deflater();
+    s = new_deflater(fast);
     if (!s) {
         PyMem_Free(xs);
         PyMem_Free(ys);
