@@ -23,7 +23,7 @@ test-all: $(STAMP)
 install: $(STAMP)
 
 # torch first, pinned: otherwise a range pulls a multi-GB CUDA build (see README, Installing).
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile setup.py selection/_deflate_size.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip 2>&1 | (grep -v "is ignored" || true)
 	$(PIP) torch==2.13.0 2>&1 | (grep -v "is ignored" || true)

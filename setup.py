@@ -7,4 +7,4 @@ zlib (correct, about 2.5x slower) with a warning. Everything else is in pyprojec
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("selection._deflate_size", ["selection/_deflate_size.c"],
-                             extra_compile_args=["-O3"], optional=True)])
+                             extra_compile_args=["-O3"], libraries=["m"], optional=True)])

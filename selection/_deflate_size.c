@@ -24,7 +24,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <math.h>
 
 #define WSIZE 32768u
 #define WMASK (WSIZE - 1)
@@ -67,7 +66,6 @@ static uint8_t dist_extra[D_CODES];
 static uint8_t lit_fixed[L_CODES];   /* fixed-code lengths (RFC 1951 3.2.6) */
 static uint8_t dist_fixed[D_CODES];
 static const uint8_t BL_EXTRA[BL_CODES] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, 7};
-static double log2_of[BLOCK_SYMBOLS + 2]; /* fast mode's code lengths */
 static const uint8_t BL_ORDER[BL_CODES] = {16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15};
 
 static void init_tables(void) {
@@ -90,7 +88,6 @@ static void init_tables(void) {
         dist_extra[n] = dbits[n];
         dist_fixed[n] = 5;
     }
-    for (n = 1; n < BLOCK_SYMBOLS + 2; n++) log2_of[n] = log2((double)n);
 }
 
 /* ---- Huffman code lengths, the way zlib chooses them --------------------------------------- */
@@ -238,40 +235,60 @@ static void code_lengths(tree_work *t, const tree_kind *kind, const uint16_t *sy
     }
 }
 
-/* Fast mode's stand-in for code_lengths: each code gets its ideal length, -log2 of its share of
-   the block, rounded and clipped to 1..max_length; no tree, no tie-breaking. Codes are padded to
-   two as zlib does, so the header is counted the same way. */
-static void estimated_code_lengths(tree_work *t, const tree_kind *kind, const uint16_t *syms, int nsyms,
-                                   const uint32_t *freq, code_set *out, long *dynamic_bits, long *fixed_bits) {
-    long total = 0;
-    double log2_total;
-    int i, used = nsyms ? syms[nsyms - 1] : -1;
-    (void)t;
-    for (i = 0; i < nsyms; i++) total += freq[syms[i]];
-    log2_total = log2_of[total ? total : 1];
-    out->count = 0;
-    if (nsyms < 2) { /* one or no code: zlib's padding, every length 1 */
-        int pad = used < 2 ? used + 1 : 0;
-        if (nsyms == 0) { out->sym[0] = 0; out->sym[1] = 1; }
-        else if (pad < syms[0]) { out->sym[0] = (uint16_t)pad; out->sym[1] = syms[0]; }
-        else { out->sym[0] = syms[0]; out->sym[1] = (uint16_t)pad; }
-        out->len[0] = out->len[1] = 1;
-        out->count = 2;
-        for (i = 0; i < nsyms; i++) {
-            long f = freq[syms[i]];
-            *dynamic_bits += f * (1 + kind->extra[syms[i]]);
-            if (kind->fixed) *fixed_bits += f * (kind->fixed[syms[i]] + kind->extra[syms[i]]);
-        }
+/* Fast mode's stand-in for code_lengths: optimal code lengths by Moffat and Katajainen's in-place
+   method ("In-place calculation of minimum-redundancy codes", 1995) on the counts sorted by
+   insertion. Every optimal code costs the block the same bits, so only the header can differ from
+   zlib's (its tie-breaking picks other, equally good lengths). Trees that would exceed the length
+   limit go to code_lengths. */
+static void optimal_code_lengths(tree_work *t, const tree_kind *kind, const uint16_t *syms, int nsyms,
+                                 const uint32_t *freq, code_set *out, long *dynamic_bits, long *fixed_bits) {
+    uint64_t order[L_CODES];
+    int32_t a[L_CODES];
+    int i, j, root, leaf, next, avail, used, depth;
+    if (nsyms < 2) {
+        code_lengths(t, kind, syms, nsyms, freq, out, dynamic_bits, fixed_bits);
+        return;
+    }
+    for (i = 0; i < nsyms; i++) { /* ascending counts, by insertion: a few dozen codes */
+        uint64_t key = (uint64_t)freq[syms[i]] << 16 | (uint64_t)i;
+        for (j = i; j > 0 && order[j - 1] > key; j--) order[j] = order[j - 1];
+        order[j] = key;
+    }
+    for (i = 0; i < nsyms; i++) a[i] = (int32_t)(order[i] >> 16);
+    /* pass 1: pair the two lightest of (leaves, internal nodes), parents in place */
+    a[0] += a[1];
+    root = 0;
+    leaf = 2;
+    for (next = 1; next < nsyms - 1; next++) {
+        if (leaf >= nsyms || a[root] < a[leaf]) { a[next] = a[root]; a[root++] = next; }
+        else a[next] = a[leaf++];
+        if (leaf >= nsyms || (root < next && a[root] < a[leaf])) { a[next] += a[root]; a[root++] = next; }
+        else a[next] += a[leaf++];
+    }
+    /* pass 2: internal node depths; pass 3: leaf depths, deepest to the lightest */
+    a[nsyms - 2] = 0;
+    for (next = nsyms - 3; next >= 0; next--) a[next] = a[a[next]] + 1;
+    avail = 1;
+    used = depth = 0;
+    root = nsyms - 2;
+    next = nsyms - 1;
+    while (avail > 0) {
+        while (root >= 0 && a[root] == depth) { used++; root--; }
+        while (avail > used) { a[next--] = depth; avail--; }
+        avail = 2 * used;
+        depth++;
+        used = 0;
+    }
+    if (a[0] > (int32_t)kind->max_length) {
+        code_lengths(t, kind, syms, nsyms, freq, out, dynamic_bits, fixed_bits);
         return;
     }
     for (i = 0; i < nsyms; i++) {
-        int n = syms[i], len = (int)(log2_total - log2_of[freq[n]] + 0.5);
+        int k = (int)(order[i] & 0xffffu), n = syms[k];
         long f = freq[n];
-        if (len < 1) len = 1;
-        if (len > (int)kind->max_length) len = (int)kind->max_length;
-        out->sym[i] = (uint16_t)n;
-        out->len[i] = (uint8_t)len;
-        *dynamic_bits += f * (len + kind->extra[n]);
+        out->sym[k] = (uint16_t)n;
+        out->len[k] = (uint8_t)a[i];
+        *dynamic_bits += f * (a[i] + kind->extra[n]);
         if (kind->fixed) *fixed_bits += f * (kind->fixed[n] + kind->extra[n]);
     }
     out->count = nsyms;
@@ -312,7 +329,7 @@ typedef struct {
     uint16_t prev[WSIZE];
     uint32_t stamp;
     unsigned ins_h;
-    lengths_fn lengths; /* code_lengths (exact) or estimated_code_lengths (fast) */
+    lengths_fn lengths; /* code_lengths (exact) or optimal_code_lengths (fast) */
     uint32_t lit_freq[L_CODES];
     uint64_t lit_used[5]; /* bitmap of the codes with a nonzero frequency */
     uint32_t dist_freq[D_CODES];
@@ -551,7 +568,7 @@ static long deflate_size(deflater *s, const char *a, Py_ssize_t na, const char *
 static deflater *new_deflater(int fast) {
     deflater *s = (deflater *)calloc(1, sizeof(deflater));
     if (s) {
-        s->lengths = fast ? estimated_code_lengths : code_lengths; /* an empty block holds the end-of-block code once */
+        s->lengths = fast ? optimal_code_lengths : code_lengths; /* an empty block holds the end-of-block code once */
         s->lit_freq[END_BLOCK] = 1;
         s->lit_used[END_BLOCK >> 6] |= 1ull << (END_BLOCK & 63);
     }
@@ -594,7 +611,7 @@ static int bytes_views(PyObject *seq, const char *what, view **out, Py_ssize_t *
 
 PyDoc_STRVAR(sizes_doc, "sizes(texts: list[bytes], level: int, fast: bool = False) -> list[int]\n\n"
                         "len(zlib.compress(t, level, -15)) for each text, -1 where not covered.\n"
-                        "fast: Huffman code lengths estimated from the symbol counts (not exact).");
+                        "fast: optimal Huffman code lengths, not zlib's own (within a few bits).");
 
 static PyObject *py_sizes(PyObject *self, PyObject *args) {
     PyObject *seq, *out;

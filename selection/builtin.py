@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 
-def zipfit(candidates: list[str], targets: list[str], *, level: int = 9, workers: int | None = None,
-           progress=None) -> np.ndarray:
-    """ZIP-FIT: gzip-based alignment with the targets (selection/zipfit.py)."""
+def zipfit(candidates: list[str], targets: list[str], *, level: int = 9, mode: str = "exact",
+           workers: int | None = None, progress=None) -> np.ndarray:
+    """ZIP-FIT: gzip-based alignment with the targets (selection/zipfit.py); `mode`: exact | fast."""
     from selection.zipfit import zipfit_scores
 
-    return zipfit_scores(candidates, targets, level=level, workers=workers, progress=progress)
+    return zipfit_scores(candidates, targets, level=level, mode=mode, workers=workers, progress=progress)
 
 
 def random_scores(candidates: list[str], targets: list[str], *, seed: int = 0) -> np.ndarray:

@@ -5,15 +5,23 @@ with a target task by gzip compression.
     NCD(x, y) = (C(x + y) - min(C(x), C(y))) / max(C(x), C(y))      (x + y: plain concatenation)
     score(x)  = mean over targets y of 1 - NCD(x, y)                 (higher = more aligned)
 
-`zipfit_scores` gives the same numbers as that per-pair formula (`naive_zipfit_scores`, kept as
-the reference for tests and benchmarks) while compressing each string once: gzip's output is a
-10-byte header, the raw DEFLATE stream and an 8-byte trailer, so C(s) is the raw stream's length
-from `zlib.compress(wbits=-15)` plus 18, with no CRC or header work. Only C(x + y) is computed
-per pair. Work is split over candidate chunks in worker processes.
+Two modes:
+- `exact` (default): the same numbers, bit for bit, as that per-pair formula
+  (`naive_zipfit_scores`, kept as the reference for tests and benchmarks). gzip's output is a
+  10-byte header, the raw DEFLATE stream and an 8-byte trailer, so C(s) is the raw stream's size
+  plus 18. The sizes come from `selection/_deflate_size.c`, a C kernel that makes zlib's
+  decisions (match search, blocks, Huffman trees) and counts the bits without writing them; it
+  is checked against this process's zlib on probe texts before first use, per level, and zlib
+  itself is used for any level where it disagrees, for inputs over 65,000 bytes, and when the
+  kernel is not built (with a warning: same scores, about 3x slower).
+- `fast`: the kernel's LZ77 parse with Huffman code lengths estimated from the symbol counts
+  instead of built: C(s) within a byte or two of gzip's, about 2.5x quicker than `exact`, and
+  not equal to the paper's numbers (bench/zipfit.md reports its rank correlation).
 
-Notes on the reference: it now defaults to lz4 at level 0 (and gzip level 0 stores the data
-uncompressed, reducing NCD to length arithmetic); datamill follows the paper with gzip and
-`level` (default 9, Python's gzip default; level 1 is the first release's).
+Pairs run on threads (the kernel releases the GIL). Notes on the reference: it now defaults to
+lz4 at level 0 (and gzip level 0 stores the data uncompressed, reducing NCD to length
+arithmetic); datamill follows the paper with gzip and `level` (default 9, Python's gzip default;
+level 1 is the first release's).
 """
 
 from __future__ import annotations
@@ -21,65 +29,74 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import random
+import warnings
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from functools import cache
 
 import numpy as np
 
 GZIP_OVERHEAD = 18  # header (10) + CRC32 and size (8) around the raw DEFLATE stream
-_PARALLEL_PAIRS = 200_000  # below this many pairs, worker start-up costs more than it saves
+MODES = ("exact", "fast")
+_PARALLEL_PAIRS = 200_000  # below this many pairs, one worker: start-up costs more than it saves
+_CHUNK = 64  # candidates per task: even load over the workers, steady progress
 
 
 def compressed_size(data: bytes, level: int = 9) -> int:
-    """len(gzip.compress(data, level)), without building the gzip container."""
+    """len(gzip.compress(data, level)), by zlib, without building the gzip container."""
     return len(zlib.compress(data, level, -15)) + GZIP_OVERHEAD
 
 
-def _scores_chunk(candidates: list[bytes], targets: list[bytes], target_sizes: list[int], level: int) -> list[float]:
-    compress = zlib.compress
-    n = len(targets)
-    out = []
-    for x in candidates:
-        cx = len(compress(x, level, -15)) + GZIP_OVERHEAD
-        sims = []
-        for y, cy in zip(targets, target_sizes):
-            cxy = len(compress(x + y, level, -15)) + GZIP_OVERHEAD
-            small, big = (cx, cy) if cx < cy else (cy, cx)
-            sims.append(1.0 - (cxy - small) / big)
-        out.append(math.fsum(sims) / n)  # correctly rounded: the same bits whatever the order
-    return out
-
-
-def zipfit_scores(candidates: list[str], targets: list[str], *, level: int = 9, workers: int | None = None,
-                  progress=None) -> np.ndarray:
-    """One alignment score per candidate (higher = closer to the targets), equal to the per-pair
-    gzip formula. `workers`: processes (None = all cores, 1 = this process). `progress(n)` is
-    called with the number of candidates finished, as chunks finish."""
+def zipfit_scores(candidates: list[str], targets: list[str], *, level: int = 9, mode: str = "exact",
+                  workers: int | None = None, progress=None) -> np.ndarray:
+    """One alignment score per candidate (higher = closer to the targets). `mode="exact"` equals
+    the per-pair gzip formula bit for bit; `"fast"` trades that for speed (module docstring).
+    `workers`: threads or processes (None = all cores, 1 = this thread). `progress(n)` is called
+    with the number of candidates finished, as chunks finish."""
     if not targets:
         raise ValueError("ZIP-FIT needs at least one target text")
     if not 0 <= level <= 9:
         raise ValueError(f"gzip level must be 0..9, found {level}")
+    if mode not in MODES:
+        raise ValueError(f"ZIP-FIT mode must be one of {', '.join(MODES)}, found {mode!r}")
     xs = [c.encode("utf-8") for c in candidates]
     ys = [t.encode("utf-8") for t in targets]
-    target_sizes = [compressed_size(y, level) for y in ys]
     workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(xs) * len(ys) < _PARALLEL_PAIRS:
-        scores = _scores_chunk(xs, ys, target_sizes, level)
-        if progress:
-            progress(len(xs))
-        return np.asarray(scores, dtype=np.float64)
-    chunk = max(1, min(256, len(xs) // (workers * 8) or 1))  # small chunks: even load, steady progress
-    scores: list[float] = [0.0] * len(xs)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(_scores_chunk, xs[i:i + chunk], ys, target_sizes, level): i
-                   for i in range(0, len(xs), chunk)}
-        for future in as_completed(futures):
-            start = futures[future]
-            part = future.result()
-            scores[start:start + len(part)] = part
+    if len(xs) * len(ys) < _PARALLEL_PAIRS:
+        workers = 1
+    kernel = _kernel(level, mode)
+    if kernel is None:
+        return _zlib_scores(xs, ys, level, workers, progress)
+    fast = mode == "fast"
+    target_sizes = _sizes(kernel, ys, level, fast)
+    candidate_sizes = _sizes(kernel, xs, level, fast)
+    scores = np.empty(len(xs), dtype=np.float64)
+
+    def chunk(start: int) -> int:
+        part = xs[start:start + _CHUNK]
+        pairs = np.empty((len(part), len(ys)), dtype=np.int32)
+        kernel.pair_sizes(part, ys, level, pairs, fast)
+        for i, j in zip(*np.nonzero(pairs < 0)):  # too long for the kernel: zlib
+            pairs[i, j] = len(zlib.compress(part[i] + ys[j], level, -15))
+        pairs += GZIP_OVERHEAD
+        scores[start:start + len(part)] = _mean_similarity(pairs, candidate_sizes[start:start + len(part)],
+                                                           target_sizes)
+        return len(part)
+
+    starts = range(0, len(xs), _CHUNK)
+    if workers == 1:
+        for start in starts:
+            done = chunk(start)
             if progress:
-                progress(len(part))
-    return np.asarray(scores, dtype=np.float64)
+                progress(done)
+        return scores
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for future in as_completed([pool.submit(chunk, start) for start in starts]):
+            done = future.result()
+            if progress:
+                progress(done)
+    return scores
 
 
 def naive_zipfit_scores(candidates: list[str], targets: list[str], *, level: int = 9) -> np.ndarray:
@@ -97,3 +114,98 @@ def naive_zipfit_scores(candidates: list[str], targets: list[str], *, level: int
             sims.append(1 - (cxy - min(cx, cy)) / max(cx, cy))
         out.append(math.fsum(sims) / len(sims))
     return np.asarray(out, dtype=np.float64)
+
+
+def _mean_similarity(pair_sizes: np.ndarray, candidate_sizes: np.ndarray, target_sizes: np.ndarray) -> list[float]:
+    """Mean over targets of 1 - NCD, rounded exactly as the per-pair Python formula: sizes are
+    exact in float64, so each division and subtraction rounds the same, and fsum sums exactly."""
+    cx = candidate_sizes[:, None]
+    small, big = np.minimum(cx, target_sizes[None, :]), np.maximum(cx, target_sizes[None, :])
+    sims = 1.0 - (pair_sizes - small) / big
+    n = pair_sizes.shape[1]
+    return [math.fsum(row) / n for row in sims.tolist()]
+
+
+def _sizes(kernel, texts: list[bytes], level: int, fast: bool) -> np.ndarray:
+    sizes = np.asarray(kernel.sizes(texts, level, fast), dtype=np.int64)
+    for i in np.nonzero(sizes < 0)[0]:
+        sizes[i] = len(zlib.compress(texts[i], level, -15))
+    return sizes + GZIP_OVERHEAD
+
+
+@cache
+def _kernel(level: int, mode: str):
+    """The C kernel if it is built and reproduces this zlib at `level` (exact mode), else None."""
+    try:
+        from selection import _deflate_size as kernel
+    except ImportError as error:
+        warnings.warn(f"ZIP-FIT's C kernel (selection/_deflate_size.c) is not built ({error}); using zlib: "
+                      "same scores, about 3x slower. Reinstall with a C compiler (`make install`) to build it.",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    if level == 0:
+        return None  # stored blocks: zlib is as fast
+    if mode == "exact":
+        probes = _probe_texts()
+        if kernel.sizes(probes, level) != [len(zlib.compress(p, level, -15)) for p in probes]:
+            warnings.warn(f"ZIP-FIT's C kernel disagrees with this zlib ({zlib.ZLIB_RUNTIME_VERSION}) at level "
+                          f"{level}; using zlib itself for exact scores (same scores, about 3x slower).",
+                          RuntimeWarning, stacklevel=3)
+            return None
+    return kernel
+
+
+@cache
+def _probe_texts() -> list[bytes]:
+    """Inputs that exercise every decision the kernel copies from zlib: empty and tiny inputs,
+    prose, incompressible bytes (stored blocks), long runs (258-byte matches, far distances),
+    more symbols than one block holds, skewed counts (length-limited Huffman codes), non-ASCII."""
+    rng = random.Random(20261202)
+    words = ("the of and to in is that for it as was with be by on not he this are or his from at which but "
+             "have an they you were her she there one all we their been has when who will more no if out so "
+             "said what up its about into than them can only other new some could time these two may then").split()
+    prose = [" ".join(rng.choice(words) for _ in range(n)).encode() for n in (5, 30, 200, 3000)]
+    noise = [rng.randbytes(n) for n in (50, 700, 20000)]
+    fib = [1, 1]
+    while len(fib) < 22:
+        fib.append(fib[-1] + fib[-2])
+    skewed = bytearray(b for b, f in zip(rng.sample(range(256), len(fib)), fib) for _ in range(f))
+    rng.shuffle(skewed)
+    return [b"", b"a", b"ab", b"abc", b"a" * 1000, b"ab" * 6000 + b"c" * 40000, *prose, *noise,
+            bytes(skewed[:60000]), ("Über naïve café — 東京 " * 200).encode(), prose[2] + noise[1] + prose[2]]
+
+
+def _zlib_scores(xs: list[bytes], ys: list[bytes], level: int, workers: int, progress) -> np.ndarray:
+    """Exact scores with zlib alone (no kernel): each string compressed once, C(x + y) per pair,
+    candidate chunks in worker processes (zlib holds the GIL on short inputs)."""
+    target_sizes = [compressed_size(y, level) for y in ys]
+    if workers == 1:
+        scores = _zlib_chunk(xs, ys, target_sizes, level)
+        if progress:
+            progress(len(xs))
+        return np.asarray(scores, dtype=np.float64)
+    scores: list[float] = [0.0] * len(xs)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(_zlib_chunk, xs[i:i + _CHUNK * 4], ys, target_sizes, level): i
+                   for i in range(0, len(xs), _CHUNK * 4)}
+        for future in as_completed(futures):
+            start, part = futures[future], future.result()
+            scores[start:start + len(part)] = part
+            if progress:
+                progress(len(part))
+    return np.asarray(scores, dtype=np.float64)
+
+
+def _zlib_chunk(candidates: list[bytes], targets: list[bytes], target_sizes: list[int], level: int) -> list[float]:
+    compress = zlib.compress
+    n = len(targets)
+    out = []
+    for x in candidates:
+        cx = len(compress(x, level, -15)) + GZIP_OVERHEAD
+        sims = []
+        for y, cy in zip(targets, target_sizes):
+            cxy = len(compress(x + y, level, -15)) + GZIP_OVERHEAD
+            small, big = (cx, cy) if cx < cy else (cy, cx)
+            sims.append(1.0 - (cxy - small) / big)
+        out.append(math.fsum(sims) / n)  # correctly rounded: the same bits whatever the order
+    return out
