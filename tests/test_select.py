@@ -1,9 +1,7 @@
-"""The select step and its methods: ZIP-FIT exactness, the testbed with known answers, lineage, errors."""
+"""The select step and its methods: the testbed with known answers, lineage, errors (ZIP-FIT's kernel: test_zipfit.py)."""
 
 from __future__ import annotations
 
-import random
-import string
 from pathlib import Path
 
 import numpy as np
@@ -45,58 +43,7 @@ def run(spec):
     return dm_run(spec)
 
 
-# --------------------------------------------------------------------------- ZIP-FIT exactness
-
-
-def tricky_texts(seed: int) -> list[str]:
-    """Texts unlike the tests' other data: incompressible, repetitive, non-ASCII, empty, > 16 KB."""
-    rng = random.Random(seed)
-    noise = "".join(rng.choice(string.printable) for _ in range(3000))
-    return [
-        noise,
-        "abc" * 2000,
-        "a",
-        "",
-        "Ünïcödé — 東京の天気は晴れ。Привет, мир! 🚀" * 20,
-        " ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(5000)),  # > 16 KB
-        "def f(x):\n    return x * 2\n" * 50,
-        "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(400)),
-    ]
-
-
-@pytest.mark.parametrize("level", [9, 1])
-def test_zipfit_scores_equal_the_naive_per_pair_gzip_method(level, monkeypatch):
-    from selection import zipfit
-
-    candidates = tricky_texts(1) + [f"question {i}: what is {i} + {i}?" for i in range(10)]
-    targets = tricky_texts(2)[:5] + ["what is 3 + 4?", "what is 10 + 2?"]
-    assert len(candidates[5].encode()) > 16_384
-    expected = zipfit.naive_zipfit_scores(candidates, targets, level=level)
-    np.testing.assert_array_equal(zipfit.zipfit_scores(candidates, targets, level=level, workers=1), expected)
-    monkeypatch.setattr(zipfit, "_PARALLEL_PAIRS", 1)  # force the worker processes
-    np.testing.assert_array_equal(zipfit.zipfit_scores(candidates, targets, level=level, workers=2), expected)
-
-
-def test_compressed_size_is_gzip_length():
-    import gzip
-
-    from selection.zipfit import compressed_size
-
-    for text in tricky_texts(3):
-        for level in (1, 6, 9):
-            data = text.encode()
-            assert compressed_size(data, level) == len(gzip.compress(data, compresslevel=level))
-
-
-def test_zipfit_prefers_texts_like_the_targets():
-    from selection.zipfit import zipfit_scores
-
-    targets = [f"What is {a} + {b}? {a} + {b} = {a + b}." for a, b in [(3, 4), (12, 9), (7, 7)]]
-    candidates = ["What is 5 + 6? 5 + 6 = 11.", "The capital of France is Paris, a city on the Seine."]
-    scores = zipfit_scores(candidates, targets)
-    assert scores[0] > scores[1]
-    with pytest.raises(ValueError, match="at least one target"):
-        zipfit_scores(candidates, [])
+# --------------------------------------------------------------------------- DSIR
 
 
 def test_dsir_weights_come_back_in_row_order(tmp_path):
@@ -119,10 +66,10 @@ def test_dsir_weights_come_back_in_row_order(tmp_path):
 # --------------------------------------------------------------------------- the testbed
 
 
-@pytest.mark.parametrize("method", ["zipfit", "dsir"])
+@pytest.mark.parametrize("method, params", [("zipfit", ""), ("zipfit", "{mode: fast}"), ("dsir", "")])
 @pytest.mark.parametrize("family", ["arithmetic", "capitals", "code"])
-def test_target_aware_methods_find_the_target_family(write_spec, family, method):
-    result = run(make_testbed(write_spec, family, method))
+def test_target_aware_methods_find_the_target_family(write_spec, family, method, params):
+    result = run(make_testbed(write_spec, family, method, extra=f"      params: {params}\n" if params else ""))
     stats = result.points[-1].steps["pick"].stats
     assert stats["target_family"] == family
     assert stats["target_family_precision"] >= 0.8, stats
