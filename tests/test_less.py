@@ -156,3 +156,37 @@ def test_features_keep_the_examples_order_whatever_the_batching(tiny):
     a = features(model, exs, names, None, 256, seed=0, batch_size=4)  # length-sorted batches
     b = np.concatenate([features(model, [e], names, None, 256, seed=0) for e in exs])  # one at a time
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_less_with_a_real_model_finds_families_a_random_model_cannot(write_spec, tmp_path_factory, monkeypatch):
+    """SmolLM2-135M-Instruct (offline): one pool of the seven task families (30 rows each, base
+    rate 0.14) and three target families that tiny-llama's random gradients confuse, at LESS's
+    learning rate (2e-5). One datastore serves the three targets. (~3 min on 2 cores; measured
+    here: units 0.90, code 0.87, reverse 0.83, arithmetic 0.80, chat 0.63)"""
+    import os
+
+    monkeypatch.setenv("DATAMILL_MODEL_CACHE", os.environ.get("DATAMILL_MODEL_CACHE")
+                       or str(tmp_path_factory.mktemp("models")))
+    families = ["units", "code", "reverse"]  # tiny-llama: 0.59, 0.35, 0.23
+    params = "{epochs: 1, warmup_fraction: 0.2, proj_dim: 1024, lr: 0.00002, max_len: 128, batch_size: 16}"
+    targets = "\n".join(f"  target_{f}: {{generator: tasks, families: [{f}], n: 30, seed: 1}}" for f in families)
+    steps = "\n".join(f"  pick_{f}: {{select: {{input: pool, target: target_{f}, method: less, budget: 30, "
+                      f"model: smol, params: {params}}}}}" for f in families)
+    spec = write_spec(f"""
+name: less_smol
+models: {{smol: builtin:smollm2-135m-instruct}}
+sources:
+  pool: {{generator: tasks, families: [arithmetic, reverse, sort, capitals, units, code, chat], n: 210, seed: 0}}
+{targets}
+steps:
+{steps}
+tracking: {{enabled: false}}
+""")
+    from datamill.api import run
+
+    result = run(spec)
+    steps = result.points[-1].steps
+    for family in families:
+        assert steps[f"pick_{family}"].stats["target_family_precision"] >= 0.8, (family, steps[f"pick_{family}"].stats)
+    assert len(list((result.workspace.root / "shared" / "select" / "less").iterdir())) == 1
