@@ -100,8 +100,10 @@ def markdown(r: dict) -> str:
     lines += ["", f"Goal (selection issue): >= {r['goal_speedup']}x on CPU, features equal to ~1e-5. Not met for "
               "SmolLM2 on this CPU: a 135M model's forward and backward over ~100-token examples are already "
               "compute-bound one example at a time (the profile is matmuls, not per-call overhead; batches are "
-              "length-sorted, so padding is small); the batched path pays off where per-example calls are latency-bound (tiny "
-              "models, GPUs: untested here, no GPU in this task). The projection (a dense seeded Rademacher "
+              "length-sorted, so padding is small); tiny-llama's time goes to its 49,152-word output layer (the softmax and its "
+              "backward at every answer token, the same work in both paths; profiled), so batching saves only the "
+              "per-call overhead; the batched path pays off where per-example calls are latency-bound (GPUs: "
+              "untested here, no GPU in this task). The projection (a dense seeded Rademacher "
               "matrix made block by block) costs ~3 s per 54 x 921,600 chunk at 512 dims and grows linearly "
               "with the dimension: 8192 dims on CPU needs a faster projector.", "",
               f"Command: `{r['command']}`", ""]
