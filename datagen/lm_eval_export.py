@@ -4,6 +4,8 @@
     tm = lm_eval.tasks.TaskManager(include_path="out/lm_eval", include_defaults=False)
     lm_eval.simple_evaluate(model=..., tasks=names, task_manager=tm)
 
+    python -m datagen.lm_eval_export evals/tasks      # the tasks datamill ships (evals/tasks/)
+
 Per family two tasks over the same `n` test rows:
 
     datamill_<family>_mc     multiple_choice over the row's 4 `choices`; acc, acc_norm
@@ -11,8 +13,11 @@ Per family two tasks over the same `n` test rows:
                              the generation (the last number, the last country/capital/continent
                              named, or the first line); exact_match
 
-Data paths in the YAML are absolute: lm-eval resolves relative `data_files` against the
-current directory, not the YAML's folder. Re-export if the folder moves.
+The folder is self-contained and can move: each YAML loads its rows through
+`custom_dataset: !function utils.load_split`, a small loader written next to it that reads
+`data/<family>_<split>.jsonl` relative to its own file (lm-eval resolves relative `data_files`
+against the current directory instead, so plain `dataset_path: json` tasks break when run from
+elsewhere). The same folder works with `lm_eval --include_path <folder>` and from Python.
 """
 
 from __future__ import annotations
@@ -84,6 +89,33 @@ def _write_jsonl(path: Path, docs: list[dict]) -> None:
             f.write(json.dumps(doc, ensure_ascii=False) + "\n")
 
 
+LOADER = '''"""Rows of the datamill task family `name` for lm-eval (`custom_dataset: !function utils.load_split`).
+
+Written by datagen/lm_eval_export.py. Reads data/<name>_<split>.jsonl next to this file, so the
+folder works from any directory, with the `lm_eval` CLI (--include_path) and from Python.
+"""
+
+import json
+from pathlib import Path
+
+
+def load_split(name: str, **_metadata):
+    import datasets
+
+    splits = {}
+    for split in ("test", "train"):
+        path = Path(__file__).parent / "data" / f"{name}_{split}.jsonl"
+        if path.is_file():
+            with open(path, encoding="utf-8") as f:
+                splits[split] = datasets.Dataset.from_list([json.loads(line) for line in f])
+    return splits
+'''
+
+
+class Function(str):
+    """A `!function module.name` reference in an lm-eval YAML."""
+
+
 def _write_yaml(path: Path, config: dict) -> None:
     import yaml
 
@@ -94,12 +126,13 @@ def _write_yaml(path: Path, config: dict) -> None:
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"' if "\n" in value else None)
 
     Dumper.add_representer(str, text)
+    Dumper.add_representer(Function, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
     path.write_text(yaml.dump(config, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=1000))
 
 
 def export_lm_eval_tasks(out_dir: Path, families: list[str] | None = None, n: int = 100, seed: int = 1234,
                          difficulty: str = "medium", *, num_fewshot: int = 0, fewshot_n: int = 20,
-                         fewshot_seed: int | None = None, cache_dir: Path | None = None) -> list[str]:
+                         fewshot_seed: int | None = None) -> list[str]:
     """Write lm-eval task YAMLs and JSONL data for `families` into `out_dir`; return the task names
     (`datamill_<family>_mc`, `datamill_<family>_exact` for each family, in that order).
 
@@ -113,9 +146,7 @@ def export_lm_eval_tasks(out_dir: Path, families: list[str] | None = None, n: in
     Few-shot: `fewshot_n` rows (seed `fewshot_seed`, default `seed + 1`, minus any question that is
     also in the test rows) go to a `train` split that lm-eval draws examples from; `num_fewshot` is
     written into the YAML (lm-eval's `num_fewshot` argument overrides it). `fewshot_n=0` writes none.
-
-    `cache_dir`: where `datasets` caches the JSON it reads (default `<out_dir>/.hf_datasets_cache`),
-    so evaluation never writes under ~/.cache.
+    Rows are read in memory by the loader (utils.py): nothing is cached under ~/.cache.
     """
     from datagen.tasks import DIFFICULTIES, check_families
 
@@ -127,27 +158,25 @@ def export_lm_eval_tasks(out_dir: Path, families: list[str] | None = None, n: in
     if num_fewshot > 0 and fewshot_n < num_fewshot:
         raise ValueError(f"num_fewshot={num_fewshot} needs fewshot_n >= {num_fewshot} (got {fewshot_n})")
     out_dir = Path(out_dir).resolve()
-    cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / ".hf_datasets_cache"
     fewshot_seed = seed + 1 if fewshot_seed is None else fewshot_seed
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "utils.py").write_text(LOADER)
 
     names = []
     for family in families:
         test = _docs(family, n, seed, difficulty)
-        data_files = {TEST_SPLIT: str(out_dir / "data" / f"{family}_{TEST_SPLIT}.jsonl")}
-        _write_jsonl(Path(data_files[TEST_SPLIT]), test)
+        _write_jsonl(out_dir / "data" / f"{family}_{TEST_SPLIT}.jsonl", test)
         splits = {"test_split": TEST_SPLIT}
         if fewshot_n > 0:
             pool = _docs(family, fewshot_n, fewshot_seed, difficulty, exclude={d["question"] for d in test})
             if len(pool) < max(num_fewshot, 1):
                 raise ValueError(f"{family}: only {len(pool)} few-shot rows differ from the test rows; "
                                  f"raise fewshot_n or lower num_fewshot")
-            data_files[FEWSHOT_SPLIT] = str(out_dir / "data" / f"{family}_{FEWSHOT_SPLIT}.jsonl")
-            _write_jsonl(Path(data_files[FEWSHOT_SPLIT]), pool)
+            _write_jsonl(out_dir / "data" / f"{family}_{FEWSHOT_SPLIT}.jsonl", pool)
             splits["fewshot_split"] = FEWSHOT_SPLIT
         common = {
-            "dataset_path": "json",
-            "dataset_kwargs": {"data_files": data_files, "cache_dir": str(cache_dir)},
+            "custom_dataset": Function("utils.load_split"),
+            "dataset_kwargs": {"name": family},
             **splits,
             "num_fewshot": num_fewshot,
             "doc_to_text": DOC_TO_TEXT,
@@ -184,3 +213,23 @@ def export_lm_eval_tasks(out_dir: Path, families: list[str] | None = None, n: in
         })
         names += [mc, exact]
     return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the task families as lm-eval tasks into a folder.")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--families", nargs="+", default=None, help="default: all")
+    parser.add_argument("--n", type=int, default=100, help="test rows per family")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--num-fewshot", type=int, default=0)
+    parser.add_argument("--fewshot-n", type=int, default=20)
+    args = parser.parse_args(argv)
+    names = export_lm_eval_tasks(args.out_dir, args.families, n=args.n, seed=args.seed,
+                                 num_fewshot=args.num_fewshot, fewshot_n=args.fewshot_n)
+    print(f"wrote {len(names)} tasks to {args.out_dir}: {', '.join(names)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -234,8 +234,18 @@ steps:
 
 # --- lm-eval export ----------------------------------------------------------------------
 
-def test_lm_eval_export_builds_tasks_offline(tmp_path, monkeypatch):
+def load_task_yaml(path: Path) -> dict:
+    """An lm-eval task YAML, with `!function x.y` read as the string "x.y"."""
     import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    return yaml.load(path.read_text(), Loader=Loader)
+
+
+def test_lm_eval_export_builds_tasks_offline(tmp_path, monkeypatch):
 
     from datagen.lm_eval_export import export_lm_eval_tasks
 
@@ -244,10 +254,10 @@ def test_lm_eval_export_builds_tasks_offline(tmp_path, monkeypatch):
     names = export_lm_eval_tasks(tmp_path / "lm", families, n=15, seed=1234, num_fewshot=2, fewshot_n=10)
     assert names == [f"datamill_{f}_{kind}" for f in families for kind in ("mc", "exact")]
     for name in names:
-        config = yaml.safe_load((tmp_path / "lm" / f"{name}.yaml").read_text())
-        for path in config["dataset_kwargs"]["data_files"].values():
-            assert Path(path).is_absolute() and Path(path).exists()
+        config = load_task_yaml(tmp_path / "lm" / f"{name}.yaml")
+        assert config["custom_dataset"] == "utils.load_split"  # rows read relative to the folder
         assert config["num_fewshot"] == 2 and config["fewshot_split"] == "train"
+    monkeypatch.chdir(tmp_path.parent)  # the folder works from any directory
 
     from lm_eval.tasks import TaskManager, get_task_dict
 
@@ -277,7 +287,6 @@ def test_lm_eval_export_builds_tasks_offline(tmp_path, monkeypatch):
 
 
 def test_lm_eval_exact_filters_extract_the_answer(tmp_path):
-    import yaml
     from lm_eval.filters.extraction import RegexFilter
 
     from datagen.lm_eval_export import export_lm_eval_tasks
@@ -287,7 +296,7 @@ def test_lm_eval_exact_filters_extract_the_answer(tmp_path):
              "capitals": [("The capital of France is Paris.", "Paris"), ("It is Mexico City.", "Mexico City")],
              "sort": [("Answer: 3, 7, 12.", "3, 7, 12")]}
     for family, outputs in cases.items():
-        config = yaml.safe_load((tmp_path / f"datamill_{family}_exact.yaml").read_text())
+        config = load_task_yaml(tmp_path / f"datamill_{family}_exact.yaml")
         regex = config["filter_list"][0]["filter"][0]
         extract = RegexFilter(regex["regex_pattern"], regex["group_select"], regex["fallback"])
         for generation, answer in outputs:
