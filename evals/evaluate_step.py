@@ -1,0 +1,117 @@
+"""`evaluate`: run lm-evaluation-harness tasks on a model, every example's result kept.
+
+Outputs:
+    tables/main     one row per example and metric: id (the task row's id), task, doc_id, metric,
+                    score, correct, target, output, generation / loglikelihoods, prompt
+    results.json    lm-eval's full results (configs, versions, metrics with stderr)
+
+Stats (and so MLflow metrics `<step>.tasks.<task>.<metric>`): every task's metrics and their
+stderr. Tasks come from evals/tasks/ (shipped, offline), your `include_path` folders, and with
+`lm_eval_defaults: true` lm-eval's built-in tasks (their data comes from the hub).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from datamill.errors import FieldError, did_you_mean
+from datamill.step import Step, StepConfig
+
+EXECUTION_ONLY = ("device",)
+
+
+class EvaluateConfig(StepConfig):
+    """Evaluate a model on lm-eval tasks (shipped offline tasks, your own folders, or lm-eval's)."""
+
+    model: str
+    """A `models:` name, a trained step, or a model reference (builtin:..., a folder)."""
+    tasks: list[str] = Field(min_length=1)
+    """Task names, e.g. [datamill_capitals_mc, datamill_capitals_exact, datamill_mmlu_dev]."""
+    num_fewshot: Optional[int] = Field(None, ge=0)
+    """Few-shot examples per prompt (default: each task's own setting)."""
+    limit: Optional[int] = Field(None, ge=1)
+    """Evaluate only the first `limit` examples of each task (quick checks)."""
+    batch_size: int = Field(8, ge=1)
+    apply_chat_template: Optional[bool] = None
+    """Wrap prompts in the model's chat template. Default: when the tokenizer has one (instruct
+    models answer generate_until tasks far better with it)."""
+    include_path: list[str] = []
+    """Folders of your own task YAMLs (relative to the spec)."""
+    lm_eval_defaults: bool = False
+    """Also look tasks up among lm-eval's ~15k built-in tasks (needs a hub for their data)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 1234
+
+
+class EvaluateStep(Step):
+    """lm-eval tasks on one model; metrics with stderr, results JSON, a per-example table."""
+
+    kind = "evaluate"
+    Config = EvaluateConfig
+    version = "1"
+
+    def model_refs(self):
+        return [(("model",), self.config.model)]
+
+    def _include_paths(self, base_dir: Path) -> list[Path]:
+        return [(Path(base_dir) / p).resolve() for p in self.config.include_path]
+
+    def check(self, env) -> None:
+        from evals.harness import task_index
+
+        for i, folder in enumerate(self._include_paths(env.base_dir)):
+            if not folder.is_dir():
+                raise FieldError(("include_path", i), f"task folder not found: {folder}")
+        if self.config.lm_eval_defaults:
+            return  # lm-eval checks built-in names when it runs
+        known = task_index(self._include_paths(env.base_dir))
+        for i, name in enumerate(self.config.tasks):
+            if name not in known:
+                raise FieldError(("tasks", i), f"unknown task '{name}'{did_you_mean(name, known)}; available: "
+                                 f"{', '.join(sorted(known))} (lm-eval's built-in tasks: lm_eval_defaults: true)")
+
+    def key_config(self) -> dict:
+        config = self.config.model_dump(mode="json")
+        for name in EXECUTION_ONLY:
+            config.pop(name)
+        return config
+
+    def key_material(self, env) -> dict:
+        # The tasks' YAML and data decide the results: hash the task folders' files.
+        from datamill.hashing import hash_file
+        from evals.harness import SHIPPED_TASKS
+
+        folders = [SHIPPED_TASKS, *self._include_paths(env.base_dir)]
+        return {"task_files": {str(p.relative_to(folder)) + f"@{i}": hash_file(p)
+                               for i, folder in enumerate(folders) if folder.is_dir()
+                               for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}}
+
+    def run(self, ctx) -> None:
+        import polars as pl
+
+        from evals.harness import evaluate, hf_model
+
+        cfg = self.config
+        lm = hf_model(ctx.model_path(cfg.model), device=cfg.device, batch_size=cfg.batch_size)
+        chat = cfg.apply_chat_template
+        if chat is None:
+            chat = bool(getattr(lm.tokenizer, "chat_template", None))
+        run = evaluate(lm, cfg.tasks, include_paths=self._include_paths(ctx.env.base_dir),
+                       defaults=cfg.lm_eval_defaults, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                       apply_chat_template=chat, seed=cfg.seed)
+        schema = {"id": pl.String, "task": pl.String, "doc_id": pl.Int64, "metric": pl.String, "score": pl.Float64,
+                  "correct": pl.Boolean, "target": pl.String, "output": pl.String, "generation": pl.String,
+                  "loglikelihoods": pl.List(pl.Float64), "prompt": pl.String}
+        table = pl.DataFrame(run.samples, schema=schema)
+        ctx.write(table)
+        results = Path(ctx.out_dir) / "results.json"
+        results.write_text(json.dumps(run.results, indent=2))
+        ctx.log_artifact(results)
+        ctx.stats.update({"tasks": run.metrics, "examples": table.select("id", "task").unique().height,
+                          "apply_chat_template": chat})
+        ctx.log_sample(table.drop("prompt", "loglikelihoods"), name="samples")
+

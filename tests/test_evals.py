@@ -1,0 +1,163 @@
+"""Evaluation: the shipped lm-eval tasks, datamill vs the plain lm_eval CLI, metrics that can
+fail (an answer-key model scores 100 %, a wrong one 0 %), the per-example table, the step."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import warnings
+import sys
+from pathlib import Path
+
+import pytest
+
+from evals.harness import SHIPPED_TASKS
+
+FAMILIES = ["arithmetic", "reverse", "sort", "capitals", "units", "code", "chat"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from datamill.models import resolve_model
+
+    return resolve_model("builtin:tiny-llama", base_dir=Path("."), cache_dir=tmp_path_factory.mktemp("models"))
+
+
+def task_rows(name: str) -> list[dict]:
+    with open(SHIPPED_TASKS / "data" / f"{name}_test.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_shipped_tasks_load_from_any_directory(tmp_path, monkeypatch):
+    from lm_eval.tasks import get_task_dict
+
+    from evals.harness import task_index, task_manager
+
+    names = [f"datamill_{f}_{kind}" for f in FAMILIES for kind in ("mc", "exact")] + ["datamill_mmlu_dev"]
+    assert set(names) <= set(task_index())
+    monkeypatch.chdir(tmp_path)  # lm-eval would resolve relative data files against this
+    with warnings.catch_warnings():  # get_task_dict is deprecated in favour of TaskManager.load
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tasks = get_task_dict(names, task_manager())
+    for name in names:
+        docs = list(tasks[name].eval_docs)
+        assert [d["id"] for d in docs] == [r["id"] for r in task_rows(name.split("_")[1] if "mmlu" not in name
+                                                                      else "mmlu_dev")]
+    mmlu = list(tasks["datamill_mmlu_dev"].eval_docs)
+    assert len(mmlu) >= 250 and len({d["subject"] for d in mmlu}) >= 50
+    assert tasks["datamill_mmlu_dev"].doc_to_text(mmlu[0]).endswith("\nD. " + mmlu[0]["choices"][3] + "\nAnswer:")
+
+
+def test_mmlu_prompts_parse_into_questions_with_their_answer():
+    from evals.mmlu_dev import parse
+
+    text = ("The following are multiple choice questions (with answers) about algebra.\n\n"
+            "Q: Find x if 2x = 4 and $\x0crac{x}{2}$ = 1.\n(A) 1 (B) 2 (C) 3 (D) 4\n"
+            "A: Let's think step by step. 2x = 4 gives x = 2. The answer is (B).\n\n"
+            "Q: A question without choices\nA: The answer is (A).")
+    docs, skipped = parse({"algebra": text})
+    assert skipped == 1 and len(docs) == 1
+    assert docs[0]["question"] == "Find x if 2x = 4 and $\\frac{x}{2}$ = 1."  # the lost backslash is back
+    assert docs[0]["choices"] == ["1", "2", "3", "4"] and docs[0]["label"] == 1
+
+
+def test_a_shipped_task_scores_the_same_through_datamill_and_the_lm_eval_cli(tiny, tmp_path):
+    from evals.harness import evaluate, hf_model
+
+    ours = evaluate(hf_model(tiny, device="cpu", batch_size=8), ["datamill_capitals_mc"], limit=25)
+    out = tmp_path / "cli"
+    subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny},dtype=float32",
+                    "--device", "cpu", "--batch_size", "8", "--include_path", str(SHIPPED_TASKS),
+                    "--tasks", "datamill_capitals_mc", "--limit", "25", "--output_path", str(out)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    cli = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["datamill_capitals_mc"]
+    assert ours.metrics["datamill_capitals_mc"]["acc"] == cli["acc,none"]
+    assert ours.metrics["datamill_capitals_mc"]["acc_norm"] == cli["acc_norm,none"]
+    assert ours.metrics["datamill_capitals_mc"]["acc_stderr"] == pytest.approx(cli["acc_stderr,none"])
+
+
+class AnswerKey:
+    """An lm-eval LM that reads the answer from the task data (or, `wrong`, never gives it)."""
+
+    def __init__(self, wrong: bool = False):
+        from lm_eval.api.model import LM
+
+        answers = {row["question"]: row for f in FAMILIES for row in task_rows(f)}
+        question = re.compile(r"Question: (.*)\nAnswer:\s*$", re.S)
+
+        class Model(LM):
+            def _row(self, context):
+                return answers[question.search(context).group(1).split("Question: ")[-1]]
+
+            def loglikelihood(self, requests):
+                return [(0.0 if (cont.strip() == self._row(ctx)["answer"]) != wrong else -10.0, True)
+                        for ctx, cont in (r.args for r in requests)]
+
+            def loglikelihood_rolling(self, requests):
+                return [0.0 for _ in requests]
+
+            def generate_until(self, requests):
+                return [("no idea" if wrong else f"The answer is {self._row(r.args[0])['answer']}") for r in requests]
+
+        self.lm = Model()
+
+
+@pytest.mark.parametrize("wrong, expected", [(False, 1.0), (True, 0.0)])
+def test_exact_match_and_accuracy_can_reach_both_ends(wrong, expected):
+    from evals.harness import evaluate
+
+    tasks = ["datamill_arithmetic_exact", "datamill_capitals_exact", "datamill_units_mc"]
+    run = evaluate(AnswerKey(wrong).lm, tasks)
+    assert run.metrics["datamill_arithmetic_exact"]["exact_match"] == expected
+    assert run.metrics["datamill_capitals_exact"]["exact_match"] == expected
+    assert run.metrics["datamill_units_mc"]["acc"] == expected
+    # one row per example and metric, keyed by the task rows' own ids
+    exact = [r for r in run.samples if r["task"] == "datamill_arithmetic_exact"]
+    assert [r["id"] for r in exact] == [row["id"] for row in task_rows("arithmetic")]
+    assert all(r["correct"] is (not wrong) for r in exact)
+    assert all(r["target"] == row["answer"] for r, row in zip(exact, task_rows("arithmetic")))
+    if not wrong:
+        assert all(r["output"] == r["target"] for r in exact)  # the regex filter pulled the answer out
+        assert exact[0]["generation"].startswith("The answer is")
+    mc = [r for r in run.samples if r["task"] == "datamill_units_mc" and r["metric"] == "acc"]
+    assert len(mc) == 100 and all(len(r["loglikelihoods"]) == 4 for r in mc)
+
+
+def eval_spec(write_spec, tasks: str, extra: str = "") -> Path:
+    return write_spec(f"""
+name: ev
+models: {{tiny: builtin:tiny-llama}}
+steps:
+  score:
+    evaluate: {{model: tiny, tasks: {tasks}, limit: 6{extra}}}
+tracking: {{enabled: false}}
+""")
+
+
+def test_evaluate_step_writes_metrics_results_and_a_per_example_table(write_spec, tiny, monkeypatch):
+    from datamill.api import run
+
+    monkeypatch.setenv("DATAMILL_MODEL_CACHE", str(tiny.parent))
+    result = run(eval_spec(write_spec, "[datamill_capitals_mc, datamill_sort_exact]", ", apply_chat_template: false"))
+    step = result.points[-1].steps["score"]
+    table = result.table("score")
+    assert table.height == 6 * 2 + 6  # acc and acc_norm per MC example, exact_match per generation
+    assert set(table["id"].to_list()) == {r["id"] for r in task_rows("capitals")[:6] + task_rows("sort")[:6]}
+    metrics = step.stats["tasks"]
+    assert set(metrics["datamill_capitals_mc"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    assert metrics["datamill_capitals_mc"]["acc"] == table.filter(
+        (table["task"] == "datamill_capitals_mc") & (table["metric"] == "acc"))["score"].mean()
+    results = json.loads((step.tables[0].path.parent.parent / "results.json").read_text())
+    assert set(results["results"]) == {"datamill_capitals_mc", "datamill_sort_exact"}
+    again = run(eval_spec(write_spec, "[datamill_capitals_mc, datamill_sort_exact]", ", apply_chat_template: false"))
+    assert again.points[-1].steps["score"].cached
+
+
+def test_an_unknown_task_names_the_closest_and_the_available_ones(write_spec):
+    from datamill.api import run
+    from datamill.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"unknown task 'datamill_capitals_mcq'; did you mean 'datamill_capitals_mc'\?"
+                                        r".*available: .*datamill_mmlu_dev"):
+        run(eval_spec(write_spec, "[datamill_capitals_mcq]"))
