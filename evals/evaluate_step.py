@@ -1,8 +1,11 @@
-"""`evaluate`: run lm-evaluation-harness tasks on a model, every example's result kept.
+"""`evaluate`: lm-evaluation-harness tasks and self-supervised (BYOD) metrics on a model, every
+example's result kept.
 
 Outputs:
-    tables/main     one row per example and metric: id (the task row's id), task, doc_id, metric,
-                    score, correct, target, output, generation / loglikelihoods, prompt
+    tables/main     one row per example and metric: id (the task row's or corpus row's id), task,
+                    doc_id, metric, score, correct, target, output, generation / loglikelihoods,
+                    prompt. Self-supervised rows: task `byod_<metric>`, target = the original
+                    text, output = the perturbed one.
     results.json    lm-eval's full results (configs, versions, metrics with stderr)
 
 Stats (and so MLflow metrics `<step>.tasks.<task>.<metric>`): every task's metrics and their
@@ -16,9 +19,9 @@ import json
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from datamill.errors import FieldError, did_you_mean
+from datamill.errors import DatamillError, FieldError, did_you_mean
 from datamill.step import Step, StepConfig
 
 EXECUTION_ONLY = ("device",)
@@ -29,8 +32,18 @@ class EvaluateConfig(StepConfig):
 
     model: str
     """A `models:` name, a trained step, or a model reference (builtin:..., a folder)."""
-    tasks: list[str] = Field(min_length=1)
-    """Task names, e.g. [datamill_capitals_mc, datamill_capitals_exact, datamill_mmlu_dev]."""
+    tasks: list[str] = []
+    """lm-eval task names, e.g. [datamill_capitals_mc, datamill_capitals_exact, datamill_mmlu_dev]."""
+    self_supervised: list[Literal["negation", "word_order", "tokenization", "long_context", "toxicity"]] = []
+    """BYOD metrics on `corpus` (evals/byod.py): sensitivity to negation, word order, tokenization,
+    far context, and the toxicity trigger."""
+    corpus: Optional[str] = None
+    """Table of in-the-wild text for the self-supervised metrics (default: the built-in
+    `python-docs` corpus, paragraphs of the Python reference manual)."""
+    corpus_column: Optional[str] = None
+    """Its text column (default `text`, else `messages` joined)."""
+    max_examples: int = Field(1000, ge=1)
+    """Examples per self-supervised metric (BYOD's default)."""
     num_fewshot: Optional[int] = Field(None, ge=0)
     """Few-shot examples per prompt (default: each task's own setting)."""
     limit: Optional[int] = Field(None, ge=1)
@@ -46,6 +59,12 @@ class EvaluateConfig(StepConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 1234
 
+    @model_validator(mode="after")
+    def _something_to_do(self):
+        if not self.tasks and not self.self_supervised:
+            raise ValueError("give `tasks` (lm-eval) or `self_supervised` metrics, or both")
+        return self
+
 
 class EvaluateStep(Step):
     """lm-eval tasks on one model; metrics with stderr, results JSON, a per-example table."""
@@ -56,6 +75,9 @@ class EvaluateStep(Step):
 
     def model_refs(self):
         return [(("model",), self.config.model)]
+
+    def input_tables(self):
+        return [(("corpus",), self.config.corpus)] if self.config.corpus else []
 
     def _include_paths(self, base_dir: Path) -> list[Path]:
         return [(Path(base_dir) / p).resolve() for p in self.config.include_path]
@@ -100,18 +122,54 @@ class EvaluateStep(Step):
         chat = cfg.apply_chat_template
         if chat is None:
             chat = bool(getattr(lm.tokenizer, "chat_template", None))
-        run = evaluate(lm, cfg.tasks, include_paths=self._include_paths(ctx.env.base_dir),
-                       defaults=cfg.lm_eval_defaults, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                       apply_chat_template=chat, seed=cfg.seed)
+        samples, metrics, results = [], {}, {}
+        if cfg.tasks:
+            run = evaluate(lm, cfg.tasks, include_paths=self._include_paths(ctx.env.base_dir),
+                           defaults=cfg.lm_eval_defaults, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                           apply_chat_template=chat, seed=cfg.seed)
+            samples, metrics, results = run.samples, run.metrics, run.results
+        if cfg.self_supervised:
+            rows, summaries = self._self_supervised(ctx, lm)
+            samples += rows
+            metrics.update(summaries)
         schema = {"id": pl.String, "task": pl.String, "doc_id": pl.Int64, "metric": pl.String, "score": pl.Float64,
                   "correct": pl.Boolean, "target": pl.String, "output": pl.String, "generation": pl.String,
                   "loglikelihoods": pl.List(pl.Float64), "prompt": pl.String}
-        table = pl.DataFrame(run.samples, schema=schema)
+        table = pl.DataFrame(samples, schema=schema)
         ctx.write(table)
-        results = Path(ctx.out_dir) / "results.json"
-        results.write_text(json.dumps(run.results, indent=2))
-        ctx.log_artifact(results)
-        ctx.stats.update({"tasks": run.metrics, "examples": table.select("id", "task").unique().height,
+        if results:
+            path = Path(ctx.out_dir) / "results.json"
+            path.write_text(json.dumps(results, indent=2))
+            ctx.log_artifact(path)
+        ctx.stats.update({"tasks": metrics, "examples": table.select("id", "task").unique().height,
                           "apply_chat_template": chat})
         ctx.log_sample(table.drop("prompt", "loglikelihoods"), name="samples")
+
+    def _self_supervised(self, ctx, lm) -> tuple[list[dict], dict]:
+        """BYOD rows for the long table and a summary per metric (score, mean, median, stderr)."""
+        from datamill import progress
+        from evals.byod import python_docs_corpus, run_metric
+
+        cfg = self.config
+        if cfg.corpus:
+            from datamill.records import column_texts, text_column
+
+            table = ctx.read(cfg.corpus)
+            texts = column_texts(table, text_column(table, cfg.corpus_column, f"evaluate corpus '{cfg.corpus}'"))
+            ids = table["id"].cast(str).to_list() if "id" in table.columns else [str(i) for i in range(len(texts))]
+            if not texts:
+                raise DatamillError(f"corpus table '{cfg.corpus}' is empty: the self-supervised metrics need text")
+        else:
+            texts = python_docs_corpus()
+            ids = [f"python-docs:{i}" for i in range(len(texts))]
+        rows, summaries = [], {}
+        for metric in cfg.self_supervised:
+            with progress.bar(f"{ctx.name}: {metric}", total=None, unit="examples") as bar:
+                found, summary = run_metric(metric, lm.model, lm.tokenizer, texts, max_examples=cfg.max_examples,
+                                            batch_size=cfg.batch_size, progress=bar.advance)
+            summaries[f"byod_{metric}"] = summary
+            rows += [{"id": ids[r["index"]], "task": f"byod_{metric}", "doc_id": r["index"], "metric": metric,
+                      "score": r["score"], "correct": None, "target": r["original"], "output": r["perturbed"],
+                      "generation": None, "loglikelihoods": None, "prompt": None} for r in found]
+        return rows, summaries
 

@@ -161,3 +161,116 @@ def test_an_unknown_task_names_the_closest_and_the_available_ones(write_spec):
     with pytest.raises(SpecError, match=r"unknown task 'datamill_capitals_mcq'; did you mean 'datamill_capitals_mc'\?"
                                         r".*available: .*datamill_mmlu_dev"):
         run(eval_spec(write_spec, "[datamill_capitals_mcq]"))
+
+
+# --------------------------------------------------------------------------- self-supervised (BYOD)
+
+
+def test_negation_inserts_not_after_the_first_copula_where_grammatical():
+    from evals.byod import negate
+
+    assert negate("The sky is blue.") == "The sky is not blue."
+    assert negate("They were late and it was cold.") == "They were late and it was not cold."  # is > was > are > were
+    assert negate("Cats are mammals that is clear.") == "Cats are mammals that is not clear."
+    assert negate("It is not true.") is None  # already negated: left out, as BYOD does
+    assert negate("Birds fly south.") is None
+
+
+def test_word_swap_keeps_the_multiset_of_words():
+    import random
+    from collections import Counter
+
+    from evals.byod import _WORD, swap_two_words
+
+    rng = random.Random(0)
+    sentence = "The quick brown fox jumps over the lazy dog, twice."
+    for _ in range(20):
+        swapped = swap_two_words(sentence, rng)
+        assert Counter(swapped.split()) == Counter(_WORD.findall(sentence))
+        assert swapped != " ".join(_WORD.findall(sentence))
+    assert swap_two_words("the the the", rng) is None
+
+
+def test_chopped_tokenization_decodes_to_the_same_text(tiny):
+    from transformers import AutoTokenizer
+
+    from evals.byod import chopped_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    text = "Tokenization robustness: the same text, cut every five characters."
+    ids = chopped_ids(tokenizer, text)
+    assert tokenizer.decode(ids) == text and ids != tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_toxic_words_are_counted_as_whole_words_only():
+    from evals.byod import count_toxic, toxic_words
+
+    words = toxic_words()
+    assert count_toxic("Fuck, you idiot!", words) == 2
+    assert count_toxic("Scunthorpe assesses the classic bassist.", words) == 0
+
+
+class Unigram:
+    """A model whose next-token distribution depends on the current token only: it ignores all
+    context, so the long-range metric must be ~0 for it."""
+
+    def __new__(cls, vocab_size: int):
+        import torch
+
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                torch.manual_seed(0)
+                self.table = torch.nn.Embedding(vocab_size, vocab_size)
+
+            def forward(self, input_ids, attention_mask=None):
+                return type("Out", (), {"logits": self.table(input_ids)})()
+
+        return Model()
+
+
+LONG_PARAGRAPHS = [
+    " ".join(f"Sentence {k} of paragraph {p} says that the {w} is near the {v} in the old town today."
+             for k, (w, v) in enumerate(zip(["river", "bridge", "tower", "market", "school", "garden", "harbour"],
+                                            ["church", "station", "castle", "library", "museum", "square", "park"])))
+    for p in range(6)]
+
+
+def test_long_context_is_zero_for_a_model_that_ignores_context_and_not_for_a_real_one(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evals.byod import run_metric
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    rows, summary = run_metric("long_context", Unigram(len(tokenizer)), tokenizer, LONG_PARAGRAPHS)
+    assert summary["examples"] == 6 and summary["score"] < 1e-9
+    real = AutoModelForCausalLM.from_pretrained(tiny)
+    _, summary = run_metric("long_context", real, tokenizer, LONG_PARAGRAPHS)
+    assert summary["score"] > 1e-4  # a transformer sees the far context: the metric can fail
+
+
+def test_self_supervised_metrics_in_the_evaluate_step(write_spec, tiny, monkeypatch):
+    from datamill.api import run
+
+    monkeypatch.setenv("DATAMILL_MODEL_CACHE", str(tiny.parent))
+    spec = write_spec("""
+name: byod
+models: {tiny: builtin:tiny-llama}
+sources:
+  corpus: {path: corpus.jsonl, schema: raw}
+steps:
+  score:
+    evaluate: {model: tiny, self_supervised: [negation, word_order, long_context], corpus: corpus, max_examples: 4}
+tracking: {enabled: false}
+""")
+    (spec.parent / "corpus.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "text": t}) + "\n"
+                                                      for i, t in enumerate(LONG_PARAGRAPHS)))
+    result = run(spec)
+    table, stats = result.table("score"), result.points[-1].steps["score"].stats
+    assert set(table["task"].to_list()) == {"byod_negation", "byod_word_order", "byod_long_context"}
+    assert table.group_by("task").len()["len"].to_list() == [4, 4, 4]
+    assert set(table["id"].to_list()) <= {f"p{i}" for i in range(6)}
+    negated = table.filter(table["task"] == "byod_negation").row(0, named=True)
+    assert negated["output"] == negated["target"].replace(" is ", " is not ", 1)
+    for metric in ("byod_negation", "byod_word_order", "byod_long_context"):
+        assert stats["tasks"][metric]["examples"] == 4 and "stderr" in stats["tasks"][metric]
