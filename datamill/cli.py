@@ -7,6 +7,8 @@ libraries are imported inside the commands that need them, so `--help`, `validat
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -82,6 +84,62 @@ def run(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt) -> None:
     console.print(f"tables: datamill sql {spec} \"SELECT * FROM <table>\"   (catalog: {result.workspace.catalog_path})")
     if result.run_id:
         console.print(f"MLflow: {result.tracking_location}  run {result.run_id}   open it with: datamill ui {spec}")
+
+
+@app.command("eval")
+def eval_(models: str = typer.Option(..., "--models", help="Comma-separated model references: builtin:..., "
+                                   "model folders (a trained step's output), hub names.", show_default=False),
+          tasks: str = typer.Option("", "--tasks", help="Comma-separated lm-eval tasks, e.g. datamill_capitals_mc."),
+          self_supervised: str = typer.Option("", "--self-supervised",
+                                              help="Comma-separated BYOD metrics: negation, word_order, "
+                                                   "tokenization, long_context, toxicity."),
+          limit: Optional[int] = typer.Option(None, help="First N examples per task."),
+          num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Default: each task's own."),
+          batch_size: int = typer.Option(8, "--batch-size"),
+          out: Path = typer.Option(Path("datamill-eval"), "--out", help="Folder for the generated spec and its workspace.")
+          ) -> None:
+    """Evaluate models x tasks: one MLflow parent run, a child per model, a comparison heatmap.
+    Each (model, task) pair runs once: rerunning with one more task or model runs only what is new."""
+    from rich.table import Table
+
+    from datamill.api import run as run_spec
+    from datamill.errors import SpecError
+    from datamill.executor import comparison
+
+    def split(text: str) -> list[str]:
+        return [x.strip() for x in text.split(",") if x.strip()]
+
+    refs = [str(Path(m).resolve()) if Path(m).exists() else m for m in split(models)]
+    task_list, byod = split(tasks), split(self_supervised)
+    if not refs or not (task_list or byod):
+        raise SpecError("datamill eval needs --models and --tasks and/or --self-supervised")
+    settings = {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size}
+    settings = ", ".join(f"{k}: {v}" for k, v in settings.items() if v is not None)
+    steps = [f"  {re.sub(r'[^A-Za-z0-9_]', '_', t)}: {{evaluate: {{model: model, tasks: [{t}], {settings}}}}}"
+             for t in task_list]
+    if byod:
+        byod_settings = settings.replace("limit:", "max_examples:")  # examples per metric
+        steps.append(f"  self_supervised: {{evaluate: {{model: model, self_supervised: [{', '.join(byod)}], "
+                     f"{byod_settings}}}}}")
+    out.mkdir(parents=True, exist_ok=True)
+    spec = out / "eval.yaml"
+    spec.write_text("# written by `datamill eval`: one evaluate step per task, a sweep point per model\n"
+                    f"name: eval\nmodels: {{model: {json.dumps(refs[0])}}}\nsteps:\n" + "\n".join(steps) +
+                    f"\nsweep:\n  models.model: {json.dumps(refs)}\n")
+    result = run_spec(spec, quiet=progress.is_quiet())
+    _, columns, values = comparison(result)
+    table = Table(title="tasks x models", title_justify="left")
+    table.add_column("task.metric")
+    for ref in refs:
+        table.add_column(ref if ref.startswith("builtin:") or not Path(ref).exists() else Path(ref).name,
+                         justify="right")
+    for j, column in enumerate(columns):  # "<step>.<task>.<metric>": the step is named after the task
+        table.add_row(column.split(".", 1)[1], *("" if row[j] is None else f"{row[j]:.4g}" for row in values))
+    console = progress.console()
+    console.print(table)
+    console.print(f"spec: {spec}   tables: datamill sql {spec} \"SELECT * FROM <step>\"")
+    if result.run_id:
+        console.print(f"MLflow: {result.tracking_location}  parent run {result.run_id}   open it with: datamill ui {spec}")
 
 
 @app.command()

@@ -101,6 +101,7 @@ def execute(plans: list[Plan], tracker=None) -> RunResult:
                 result.run_id = result.points[-1].run_id
             workspace.register(_views(plan))
         if parent:
+            _log_comparison(result, tracker, parent)
             tracker.end_run(parent, "FINISHED")
     except BaseException as e:
         if parent:
@@ -109,6 +110,36 @@ def execute(plans: list[Plan], tracker=None) -> RunResult:
     finally:
         lock.close()
     return result
+
+
+def comparison(result: RunResult) -> tuple[list[str], list[str], list[list[float | None]]]:
+    """(point labels, "<step>.<metric>" columns, values) of the numbers each step offers for
+    comparison (Step.comparison_metrics), one row per sweep point."""
+    rows = []
+    for point in result.points:
+        values = {}
+        for planned in point.plan.steps:
+            record = point.steps.get(planned.name)
+            if record is not None:
+                values.update({f"{planned.name}.{k}": v for k, v in planned.step.comparison_metrics(record.stats).items()})
+        rows.append((point.label or point.run_id, values))
+    columns = list(dict.fromkeys(c for _, values in rows for c in values))
+    return [label for label, _ in rows], columns, [[values.get(c) for c in columns] for _, values in rows]
+
+
+def _log_comparison(result: RunResult, tracker, parent: str) -> None:
+    """A sweep's points side by side on its parent run: a table and a heatmap (comparison.png)."""
+    labels, columns, values = comparison(result)
+    if not columns:
+        return
+    tracker.log_table(parent, "comparison", {"point": labels, **{c: [row[j] for row in values]
+                                                                 for j, c in enumerate(columns)}})
+    from datamill.plots import heatmap
+
+    folder = result.workspace.steps_dir / ".tmp" / f"comparison-{parent}"  # cleaned on the next run
+    folder.mkdir(parents=True, exist_ok=True)
+    heatmap(folder / "comparison.png", labels, columns, values, title=f"{len(labels)} sweep points")
+    tracker.log_artifact(parent, folder / "comparison.png", "comparison")
 
 
 def _run_point(plan: Plan, tracker, experiment: str, parent: str | None, result: RunResult) -> PointResult:

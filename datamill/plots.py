@@ -62,3 +62,23 @@ def line_plot(path: Path, series: dict[str, tuple[list, list]], *, title: str, x
         return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def heatmap(path: Path, rows: list[str], columns: list[str], values: list[list[float | None]], *, title: str) -> Path:
+    """A rows x columns grid of numbers, each cell written in it (missing cells blank)."""
+    import math
+
+    plt = _pyplot()
+    grid = [[math.nan if v is None else v for v in row] for row in values]
+    fig, ax = plt.subplots(figsize=(3 + 1.1 * len(columns), 2.8 + 0.45 * len(rows)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(columns)), labels=columns, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels=rows, fontsize=8)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if not math.isnan(value):
+                ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=8, color="white")
+    fig.colorbar(image, ax=ax)
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+

@@ -103,6 +103,11 @@ class Step:
     def run(self, ctx: "StepContext") -> None:
         raise NotImplementedError
 
+    def comparison_metrics(self, stats: dict) -> dict[str, float]:
+        """The few numbers of a finished run (from its `stats`) that a sweep compares across its
+        points, e.g. {"datamill_capitals_mc.acc": 0.64}: a table and a heatmap on the parent run."""
+        return {}
+
 
 @dataclass
 class StepContext:

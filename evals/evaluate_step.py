@@ -112,6 +112,16 @@ class EvaluateStep(Step):
                                for i, folder in enumerate(folders) if folder.is_dir()
                                for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}}
 
+    def comparison_metrics(self, stats: dict) -> dict[str, float]:
+        """Each task's metrics (no stderr; BYOD metrics by their score) for the sweep's heatmap."""
+        out = {}
+        for task, metrics in stats.get("tasks", {}).items():
+            if task.startswith("byod_"):
+                out[task] = metrics["score"]
+            else:
+                out.update({f"{task}.{m}": v for m, v in metrics.items() if not m.endswith("_stderr")})
+        return out
+
     def run(self, ctx) -> None:
         import polars as pl
 

@@ -274,3 +274,30 @@ tracking: {enabled: false}
     assert negated["output"] == negated["target"].replace(" is ", " is not ", 1)
     for metric in ("byod_negation", "byod_word_order", "byod_long_context"):
         assert stats["tasks"][metric]["examples"] == 4 and "stderr" in stats["tasks"][metric]
+
+
+def test_eval_command_sweeps_models_by_tasks_with_a_heatmap_on_the_parent(tiny, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from datamill.cli import app
+
+    monkeypatch.setenv("DATAMILL_MODEL_CACHE", str(tiny.parent))
+    out = tmp_path / "sweep"
+    args = ["eval", "--models", f"builtin:tiny-llama,{tiny}", "--tasks", "datamill_capitals_mc,datamill_sort_exact",
+            "--limit", "4", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "datamill_capitals_mc.acc" in result.output and "tasks x models" in result.output
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / '.datamill' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("eval").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 3  # one parent, a child per model
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert all("datamill_capitals_mc.tasks.datamill_capitals_mc.acc" in c.data.metrics for c in children)
+    artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "comparison")]
+    assert artifacts == ["comparison/comparison.png"]
+    # one more task: only its two (model, task) pairs run
+    again = CliRunner().invoke(app, args[:4] + ["datamill_capitals_mc,datamill_sort_exact,datamill_units_mc"] + args[5:])
+    assert again.exit_code == 0, again.output
+    assert again.output.count("running") == 2
