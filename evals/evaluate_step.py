@@ -44,6 +44,13 @@ class EvaluateConfig(StepConfig):
     """Its text column (default `text`, else `messages` joined)."""
     max_examples: int = Field(1000, ge=1)
     """Examples per self-supervised metric (BYOD's default)."""
+    training_data: Optional[str] = None
+    """The table the model was trained on (e.g. a `select` output). Adds to every example its
+    log density under those rows (`train_log_density`) and its most similar training row
+    (`nearest_train_id`, `nearest_train_similarity`, and `nearest_train_select_score` when the
+    table has select scores), by the selection stage's embedder (all-MiniLM-L6-v2)."""
+    training_column: Optional[str] = None
+    """Text column of `training_data` (default `messages` joined, else `text`)."""
     num_fewshot: Optional[int] = Field(None, ge=0)
     """Few-shot examples per prompt (default: each task's own setting)."""
     limit: Optional[int] = Field(None, ge=1)
@@ -77,7 +84,8 @@ class EvaluateStep(Step):
         return [(("model",), self.config.model)]
 
     def input_tables(self):
-        return [(("corpus",), self.config.corpus)] if self.config.corpus else []
+        tables = [(("corpus",), self.config.corpus)] if self.config.corpus else []
+        return tables + ([(("training_data",), self.config.training_data)] if self.config.training_data else [])
 
     def _include_paths(self, base_dir: Path) -> list[Path]:
         return [(Path(base_dir) / p).resolve() for p in self.config.include_path]
@@ -146,6 +154,8 @@ class EvaluateStep(Step):
                   "correct": pl.Boolean, "target": pl.String, "output": pl.String, "generation": pl.String,
                   "loglikelihoods": pl.List(pl.Float64), "prompt": pl.String}
         table = pl.DataFrame(samples, schema=schema)
+        if cfg.training_data:
+            table = self._with_training_neighbours(ctx, table)
         ctx.write(table)
         if results:
             path = Path(ctx.out_dir) / "results.json"
@@ -154,6 +164,33 @@ class EvaluateStep(Step):
         ctx.stats.update({"tasks": metrics, "examples": table.select("id", "task").unique().height,
                           "apply_chat_template": chat})
         ctx.log_sample(table.drop("prompt", "loglikelihoods"), name="samples")
+
+    def _with_training_neighbours(self, ctx, table):
+        """Join each example's density under the training rows and its nearest training row."""
+        import polars as pl
+
+        from datamill.records import column_texts, text_column
+        from datamill.registry import function
+
+        cfg = self.config
+        train = ctx.read(cfg.training_data)
+        if train.height == 0:
+            raise DatamillError(f"training_data table '{cfg.training_data}' is empty")
+        train_texts = column_texts(train, text_column(train, cfg.training_column,
+                                                      f"evaluate training_data '{cfg.training_data}'"))
+        examples = table.unique(["id", "task"], keep="first", maintain_order=True)
+        texts = [f"{p or ''} {t or ''}".strip() for p, t in zip(examples["prompt"], examples["target"])]
+        found = function("neighbours")(texts, train_texts)
+        train_ids = train["id"].cast(str).to_list() if "id" in train.columns else [str(i) for i in range(train.height)]
+        columns = {"id": examples["id"], "task": examples["task"],
+                   "train_log_density": found["log_density"].tolist(),
+                   "nearest_train_id": [train_ids[i] for i in found["nearest"]],
+                   "nearest_train_similarity": found["similarity"].tolist()}
+        if "select_score" in train.columns:
+            scores = train["select_score"].to_list()
+            columns["nearest_train_select_score"] = [scores[i] for i in found["nearest"]]
+        ctx.stats["training_data"] = {"rows": train.height, "mean_log_density": float(found["log_density"].mean())}
+        return table.join(pl.DataFrame(columns), on=["id", "task"], how="left", maintain_order="left")
 
     def _self_supervised(self, ctx, lm) -> tuple[list[dict], dict]:
         """BYOD rows for the long table and a summary per metric (score, mean, median, stderr)."""

@@ -116,3 +116,18 @@ def log_density(queries: list[str], reference: list[str], *, embedder: Path | No
     `embedder`: a model folder (default: all-MiniLM-L6-v2)."""
     folder = Path(embedder) if embedder else minilm_folder()
     return log_density_of(embed(queries, folder), embed(reference, folder), bandwidth)
+
+
+def neighbours(queries: list[str], reference: list[str], *, embedder: Path | None = None,
+               bandwidth="median") -> dict[str, np.ndarray]:
+    """For each query text, against the reference texts (e.g. an eval example against the rows a
+    model was trained on): `log_density` (as `log_density`), `nearest` (index of the most similar
+    reference text) and `similarity` (its cosine similarity), from one embedding of each side."""
+    from sklearn.neighbors import NearestNeighbors
+
+    folder = Path(embedder) if embedder else minilm_folder()
+    q, r = embed(queries, folder), embed(reference, folder)
+    distance, index = NearestNeighbors(n_neighbors=1).fit(r).kneighbors(q)
+    # unit vectors: cosine = 1 - squared euclidean distance / 2
+    return {"log_density": log_density_of(q, r, bandwidth), "nearest": index[:, 0],
+            "similarity": 1.0 - distance[:, 0] ** 2 / 2}

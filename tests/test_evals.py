@@ -301,3 +301,31 @@ def test_eval_command_sweeps_models_by_tasks_with_a_heatmap_on_the_parent(tiny, 
     again = CliRunner().invoke(app, args[:4] + ["datamill_capitals_mc,datamill_sort_exact,datamill_units_mc"] + args[5:])
     assert again.exit_code == 0, again.output
     assert again.output.count("running") == 2
+
+
+def test_examples_get_their_density_and_nearest_row_in_the_training_data(write_spec, tiny, monkeypatch):
+    from datamill.api import run
+
+    monkeypatch.setenv("DATAMILL_MODEL_CACHE", str(tiny.parent))
+    first = task_rows("capitals")[0]
+    train = [{"prompt": first["question"], "response": first["answer"]}] + [
+        {"prompt": f"Compute {a} + {a + 3}. Answer with the number only.", "response": str(2 * a + 3)} for a in range(8)]
+    spec = write_spec("""
+name: analysis
+models: {tiny: builtin:tiny-llama}
+sources:
+  train: {path: train.jsonl}
+steps:
+  score:
+    evaluate: {model: tiny, tasks: [datamill_capitals_mc], limit: 4, training_data: train, apply_chat_template: false}
+tracking: {enabled: false}
+""")
+    (spec.parent / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    result = run(spec)
+    table, rows = result.table("score"), result.table("train")
+    copied = rows.filter(rows["messages"].list.first().struct.field("content") == first["question"])["id"][0]
+    by_example = table.unique("id", keep="first", maintain_order=True)
+    assert by_example["nearest_train_id"][0] == copied  # the training row that is this test question
+    assert by_example["nearest_train_similarity"][0] > by_example["nearest_train_similarity"][1:].max()
+    assert by_example["train_log_density"][0] > by_example["train_log_density"][1:].max()
+    assert set(table["nearest_train_id"].to_list()) <= set(rows["id"].to_list())
