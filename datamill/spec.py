@@ -235,7 +235,8 @@ class LoadedSpec:
             except ValidationError as e2:
                 raise SpecError(_format_validation(e2, self.doc, overrides, model)) from None
         env = Env(base_dir=self.path.parent.resolve())
-        label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
+        # zip sweeps often set one value in several places: say each name=value once
+        label = ",".join(dict.fromkeys(f"{k.split('.')[-1]}={v}" for k, v in point.items()))
         resolved = ResolvedSpec(spec=spec, raw=data, path=self.path, env=env, point=point, label=label)
         check_references(resolved, self.doc, overrides)
         return resolved

@@ -32,12 +32,63 @@ def task_index(include_paths=()) -> dict[str, Path]:
     return index
 
 
-def task_manager(include_paths=(), defaults: bool = False):
+def task_manager(include_paths=(), defaults: bool = False, work_dir: Path | None = None):
     """lm-eval's TaskManager over the shipped tasks and `include_paths`; `defaults` adds lm-eval's
-    ~15k built-in tasks (their data comes from the hub; indexing them takes ~10 s)."""
+    ~15k built-in tasks (their data comes from the hub; indexing them takes ~10 s). Your folders
+    are used through copies in `work_dir` whose relative `data_files` are made absolute
+    (`resolved_task_folder`)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(SHIPPED_TASKS), *map(str, include_paths)], include_defaults=defaults)
+    folders = [resolved_task_folder(Path(p), Path(work_dir) / f"include-{i}") if work_dir else Path(p)
+               for i, p in enumerate(include_paths)]
+    return TaskManager(include_path=[str(SHIPPED_TASKS), *map(str, folders)], include_defaults=defaults)
+
+
+def resolved_task_folder(folder: Path, copy: Path) -> Path:
+    """A copy of a task folder in which every YAML's relative `dataset_kwargs.data_files` points
+    at the file next to the original YAML. lm-eval resolves relative data files against the
+    current directory, so a task folder otherwise works only when run from one place. Other
+    files (utils.py for `!function`, included YAMLs) are copied as they are."""
+    import shutil
+
+    import yaml
+
+    class Tagged(str):
+        tag = ""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def keep_tag(loader, suffix, node):  # !function and other lm-eval tags survive the round trip
+        value = Tagged(loader.construct_scalar(node))
+        value.tag = suffix
+        return value
+
+    Loader.add_multi_constructor("!", keep_tag)
+    Dumper.add_representer(Tagged, lambda dumper, value: dumper.represent_scalar("!" + value.tag, str(value)))
+
+    def absolute(value, base: Path):
+        if isinstance(value, str):
+            return str((base / value).resolve()) if not Path(value).is_absolute() and (base / value).exists() else value
+        if isinstance(value, list):
+            return [absolute(v, base) for v in value]
+        if isinstance(value, dict):
+            return {k: absolute(v, base) for k, v in value.items()}
+        return value
+
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in folder.rglob("*.yaml"):
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+        files = config.get("dataset_kwargs", {}).get("data_files") if isinstance(config, dict) else None
+        if files is not None:
+            config["dataset_kwargs"]["data_files"] = absolute(files, path.parent)
+            (copy / path.relative_to(folder)).write_text(yaml.dump(config, Dumper=Dumper, sort_keys=False,
+                                                                    allow_unicode=True), encoding="utf-8")
+    return copy
 
 
 def hf_model(path, *, device: str = "auto", batch_size: int = 8):
@@ -65,8 +116,11 @@ class EvalRun:
 
 
 def evaluate(lm, tasks: list[str], *, include_paths=(), defaults: bool = False, num_fewshot: int | None = None,
-             limit: int | None = None, apply_chat_template: bool = False, seed: int = 1234) -> EvalRun:
-    """Run `tasks` on an lm-eval LM (HFLM or any registered LM class), samples logged."""
+             limit: int | None = None, apply_chat_template: bool = False, seed: int = 1234,
+             work_dir: Path | None = None) -> EvalRun:
+    """Run `tasks` on an lm-eval LM (HFLM or any registered LM class), samples logged.
+    `work_dir`: where copies of `include_paths` with absolute data paths go (a temp folder if None)."""
+    import tempfile
     import logging
 
     import lm_eval
@@ -74,10 +128,12 @@ def evaluate(lm, tasks: list[str], *, include_paths=(), defaults: bool = False, 
     logging.getLogger("lm_eval.api.task").addFilter(_drop_custom_kwargs_notice)
     if hasattr(lm, "model") and hasattr(lm.model, "eval"):
         lm.model.eval()  # evaluation never trains: no dropout, no training-time hooks
-    res = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), task_manager=task_manager(include_paths, defaults), num_fewshot=num_fewshot,
-        limit=limit, log_samples=True, apply_chat_template=apply_chat_template, random_seed=seed,
-        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = task_manager(include_paths, defaults, Path(work_dir or tmp))
+        res = lm_eval.simple_evaluate(
+            model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot, limit=limit,
+            log_samples=True, apply_chat_template=apply_chat_template, random_seed=seed,
+            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     samples = res.pop("samples")
     results = json.loads(json.dumps(res, default=str))
     return EvalRun(results=results, metrics=task_metrics(results), samples=sample_rows(samples))

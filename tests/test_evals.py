@@ -329,3 +329,56 @@ tracking: {enabled: false}
     assert by_example["nearest_train_similarity"][0] > by_example["nearest_train_similarity"][1:].max()
     assert by_example["train_log_density"][0] > by_example["train_log_density"][1:].max()
     assert set(table["nearest_train_id"].to_list()) <= set(rows["id"].to_list())
+
+
+def test_your_own_task_folder_with_relative_data_files_works_from_anywhere(tmp_path, monkeypatch):
+    from evals.harness import evaluate
+
+    folder = tmp_path / "my_tasks"
+    (folder / "data").mkdir(parents=True)
+    rows = [{"id": f"q{i}", "question": f"Name colour number {i}.", "answer": "red"} for i in range(5)]
+    (folder / "data" / "colours.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "colours.yaml").write_text("""\
+task: my_colours
+dataset_path: json
+dataset_kwargs: {data_files: {test: data/colours.jsonl}}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: answer
+generation_kwargs: {until: ["\\n"], do_sample: false}
+metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]
+metadata: {version: 1.0}
+""")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # data/colours.jsonl does not exist relative to here
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+    from lm_eval.api.model import LM
+
+    class Model(LM):
+        def loglikelihood(self, requests):
+            return [(0.0, True) for _ in requests]
+
+        def loglikelihood_rolling(self, requests):
+            return [0.0 for _ in requests]
+
+        def generate_until(self, requests):
+            return ["red" for _ in requests]
+
+    run = evaluate(Model(), ["my_colours"], include_paths=[folder])
+    assert run.metrics["my_colours"]["exact_match"] == 1.0
+    assert [r["id"] for r in run.samples] == [r["id"] for r in rows]
+    assert "data/colours.jsonl" in (folder / "colours.yaml").read_text()  # your file is left as it is
+
+
+def test_evaluation_is_deterministic_and_the_model_is_in_eval_mode(tiny):
+    from evals.harness import evaluate, hf_model
+
+    lm = hf_model(tiny, device="cpu")
+    lm.model.train()  # even if something left it training
+    first = evaluate(lm, ["datamill_arithmetic_exact"], limit=4)
+    assert lm.model.training is False
+    second = evaluate(lm, ["datamill_arithmetic_exact"], limit=4)
+    assert [r["generation"] for r in first.samples] == [r["generation"] for r in second.samples]
