@@ -65,20 +65,27 @@ def line_plot(path: Path, series: dict[str, tuple[list, list]], *, title: str, x
 
 
 def heatmap(path: Path, rows: list[str], columns: list[str], values: list[list[float | None]], *, title: str) -> Path:
-    """A rows x columns grid of numbers, each cell written in it (missing cells blank)."""
+    """A rows x columns grid of numbers, each cell written in it (missing cells blank). Colours
+    are relative within each column (metrics have different scales): best-to-worst per metric."""
     import math
 
     plt = _pyplot()
-    grid = [[math.nan if v is None else v for v in row] for row in values]
+    grid = [[math.nan if v is None else float(v) for v in row] for row in values]
+    shade = [[math.nan] * len(columns) for _ in rows]
+    for j in range(len(columns)):
+        column = [grid[i][j] for i in range(len(rows)) if not math.isnan(grid[i][j])]
+        low, high = (min(column), max(column)) if column else (0.0, 0.0)
+        for i in range(len(rows)):
+            if not math.isnan(grid[i][j]):
+                shade[i][j] = 0.5 if high == low else (grid[i][j] - low) / (high - low)
     fig, ax = plt.subplots(figsize=(3 + 1.1 * len(columns), 2.8 + 0.45 * len(rows)))
-    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.imshow(shade, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(columns)), labels=columns, rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(len(rows)), labels=rows, fontsize=8)
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
             if not math.isnan(value):
-                ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=8, color="white")
-    fig.colorbar(image, ax=ax)
-    ax.set_title(title, fontsize=10)
+                ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=8,
+                        color="black" if shade[i][j] > 0.6 else "white")
+    ax.set_title(f"{title} (colour: within each column, low to high)", fontsize=10)
     return _save(fig, path)
-
