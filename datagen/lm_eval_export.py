@@ -6,7 +6,7 @@
 
     python -m datagen.lm_eval_export evals/tasks      # the tasks datamill ships (evals/tasks/)
 
-Per family two tasks over the same `n` test rows:
+Per family two tasks over the same `n` test rows, and a group `datamill_<family>` of both:
 
     datamill_<family>_mc     multiple_choice over the row's 4 `choices`; acc, acc_norm
     datamill_<family>_exact  generate_until (until "\\n"); a regex filter pulls the answer out of
@@ -212,6 +212,9 @@ def export_lm_eval_tasks(out_dir: Path, families: list[str] | None = None, n: in
             "metadata": meta,
         })
         names += [mc, exact]
+        # the family's name alone runs both (DESIGN's `datamill_arithmetic`)
+        _write_yaml(out_dir / f"datamill_{family}.yaml", {"group": f"datamill_{family}", "task": [mc, exact],
+                                                          "metadata": {"version": 1.0}})
     return names
 
 

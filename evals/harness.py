@@ -18,12 +18,12 @@ from pathlib import Path
 
 SHIPPED_TASKS = Path(__file__).resolve().parent / "tasks"
 BINARY_METRICS = ("acc", "acc_norm", "exact_match")  # 1.0 = right, 0.0 = wrong
-_TASK_LINE = re.compile(r"^task:\s*['\"]?([^'\"\s#]+)", re.M)
+_TASK_LINE = re.compile(r"^(?:task|group):[ \t]*['\"]?([^'\"\s#\[]+)", re.M)  # a name on the same line
 
 
 def task_index(include_paths=()) -> dict[str, Path]:
-    """Task name -> YAML file in the shipped folder and `include_paths`, read without lm-eval
-    (a plan-time check must not import it)."""
+    """Task and group name -> YAML file in the shipped folder and `include_paths`, read without
+    lm-eval (a plan-time check must not import it)."""
     index: dict[str, Path] = {}
     for folder in [SHIPPED_TASKS, *map(Path, include_paths)]:
         for path in sorted(folder.rglob("*.yaml")):
