@@ -111,14 +111,24 @@ class EvaluateStep(Step):
         return config
 
     def key_material(self, env) -> dict:
-        # The tasks' YAML and data decide the results: hash the task folders' files.
+        # The tasks decide the results: the YAML of each task asked for (a group's, and its
+        # members'), and every other file of the task folders (data, loaders). Other tasks' YAML
+        # stay out, so adding a task to a folder leaves the evaluations already made cached.
         from datamill.hashing import hash_file
-        from evals.harness import SHIPPED_TASKS
+        from evals.harness import SHIPPED_TASKS, group_members, task_index
 
         folders = [SHIPPED_TASKS, *self._include_paths(env.base_dir)]
+        index = task_index(folders[1:])
+        names, yamls = list(self.config.tasks), set()
+        while names:
+            path = index.get(names.pop())
+            if path is not None and path not in yamls:
+                yamls.add(path)
+                names += group_members(path)
         return {"task_files": {str(p.relative_to(folder)) + f"@{i}": hash_file(p)
                                for i, folder in enumerate(folders) if folder.is_dir()
-                               for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}}
+                               for p in sorted(folder.rglob("*"))
+                               if p.is_file() and "__pycache__" not in p.parts and (p.suffix != ".yaml" or p in yamls)}}
 
     def comparison_metrics(self, stats: dict) -> dict[str, float]:
         """Each task's metrics (no stderr; BYOD metrics by their score) for the sweep's heatmap."""

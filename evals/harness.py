@@ -32,6 +32,15 @@ def task_index(include_paths=()) -> dict[str, Path]:
     return index
 
 
+def group_members(path: Path) -> list[str]:
+    """The task names a group YAML lists under `task:` (none for a plain task)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not re.search(r"^group:", text, re.M):
+        return []
+    block = re.search(r"^task:[ \t]*(\[[^\]]*\]|\n(?:[ \t]*-[^\n]*\n?)+)", text, re.M)
+    return re.findall(r"\w[\w\-.]*", block.group(1)) if block else []
+
+
 def task_manager(include_paths=(), defaults: bool = False, work_dir: Path | None = None):
     """lm-eval's TaskManager over the shipped tasks and `include_paths`; `defaults` adds lm-eval's
     ~15k built-in tasks (their data comes from the hub; indexing them takes ~10 s). Your folders

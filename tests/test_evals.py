@@ -382,3 +382,31 @@ def test_evaluation_is_deterministic_and_the_model_is_in_eval_mode(tiny):
     assert lm.model.training is False
     second = evaluate(lm, ["datamill_arithmetic_exact"], limit=4)
     assert [r["generation"] for r in first.samples] == [r["generation"] for r in second.samples]
+
+
+def test_the_evaluation_key_follows_the_tasks_it_runs_not_the_whole_folder(tmp_path):
+    import shutil
+
+    from datamill.step import Env
+    from evals.evaluate_step import EvaluateConfig, EvaluateStep
+
+    folder = tmp_path / "tasks"
+    (folder / "data").mkdir(parents=True)
+    shutil.copy(SHIPPED_TASKS / "utils.py", folder)
+    shutil.copy(SHIPPED_TASKS / "data" / "capitals_test.jsonl", folder / "data")
+    mc = folder / "mine_mc.yaml"
+    mc.write_text((SHIPPED_TASKS / "datamill_capitals_mc.yaml").read_text().replace("datamill_capitals_mc", "mine_mc"))
+    (folder / "mine.yaml").write_text("group: mine\ntask:\n- mine_mc\n")
+
+    def key():
+        config = EvaluateConfig(model="m", tasks=["mine"], include_path=[str(folder)])
+        return EvaluateStep("score", config).key_material(Env(base_dir=tmp_path))
+
+    before = key()
+    (folder / "other.yaml").write_text(mc.read_text().replace("task: mine_mc", "task: other"))
+    assert key() == before  # a new task in the folder leaves this evaluation cached
+    mc.write_text(mc.read_text().replace("num_fewshot: 0", "num_fewshot: 1"))
+    assert key() != before  # a member of the group changed
+    mc.write_text(mc.read_text().replace("num_fewshot: 1", "num_fewshot: 0"))
+    (folder / "data" / "capitals_test.jsonl").write_text("")
+    assert key() != before  # so did the data
