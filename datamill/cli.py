@@ -143,6 +143,32 @@ def eval_(models: str = typer.Option(..., "--models", help="Comma-separated mode
 
 
 @app.command()
+def lineage(spec: Path = SpecArg, row_id: str = typer.Argument(..., help="A row's id (the `id` column)."),
+            as_json: bool = typer.Option(False, "--json", help="Print the hits as JSON lines."),
+            set_: Optional[List[str]] = SetOpt) -> None:
+    """Where a row came from and went: generation, each selector's decision, the models that saw
+    it, eval results (and, for a training row, the eval examples nearest to it)."""
+    from datamill.errors import DatamillError
+    from datamill.lineage import lineage as find
+
+    hits = find(spec, row_id, set_)
+    if not hits:
+        raise DatamillError(f"no table of {spec}'s workspace holds a row with id {row_id!r} (run the spec first?)")
+    if as_json:
+        for hit in hits:
+            typer.echo(json.dumps(hit, ensure_ascii=False, default=str))
+        return
+    console = progress.console()
+    for hit in hits:
+        where = f"[{hit['point']}] " if hit["point"] else ""
+        how = "" if hit["match"] == "id" else "  (its nearest training row)"
+        console.print(f"[bold]{where}{hit['table']}[/bold] ({hit['kind']}){how}")
+        for column, value in hit["row"].items():
+            if column not in ("id", "messages") and value is not None:
+                console.print(f"    {column}: {value}", markup=False, highlight=False)
+
+
+@app.command()
 def sql(spec: Path = SpecArg, query: str = typer.Argument(..., help="A SELECT over the catalog's tables."),
         limit: int = typer.Option(50, help="Rows to print."),
         set_: Optional[List[str]] = SetOpt) -> None:

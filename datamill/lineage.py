@@ -1,0 +1,67 @@
+"""Where a row went: every table of every sweep point that holds it, from generation to eval.
+
+    from datamill.lineage import lineage
+    for hit in lineage("examples/quickstart.yaml", "3f2a9c0d1e4b5a67"):
+        print(hit["point"], hit["step"], hit["table"], hit["row"])
+
+A row keeps its `id` from the step that made it to the last one that reads it, so its story is
+the rows with that id in each step's tables: the generator prompt, index, topic, model and
+request (`generate`), each selector's score, rank and decision (`<select>__scores`), the
+training split a model saw it in (`train`), an eval example's per-metric results (`evaluate`),
+and, for a training row, the eval examples whose nearest training row it is (`nearest_train_id`).
+Only steps already run (cached in the workspace) are read; nothing is computed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MAX_TEXT = 120  # characters of a text cell shown
+
+
+def lineage(spec, row_id: str, overrides: list[str] | None = None) -> list[dict]:
+    """Each table row that is `row_id` (or points at it as `nearest_train_id`), as
+    {point, step, kind, table, match: "id" | "nearest_train_id", row: {column: value}}. Steps
+    shared by sweep points (same key) are listed once, with point "" (all points)."""
+    import duckdb
+
+    from datamill.api import plans
+
+    all_plans = plans(spec, overrides)
+    keys_per_point = [{s.key for s in p.steps} for p in all_plans]
+    seen, hits = set(), []
+    with duckdb.connect() as con:
+        for plan in all_plans:
+            for planned in plan.steps:
+                if planned.key in seen or not plan.workspace.is_cached(planned.key):
+                    continue
+                seen.add(planned.key)
+                shared = sum(planned.key in keys for keys in keys_per_point) > 1
+                point = "" if shared or len(all_plans) == 1 else plan.resolved.label
+                tables = sorted((plan.workspace.step_dir(planned.key) / "tables").glob("*.parquet"))
+                for path in tables:
+                    table = planned.name if path.stem == "main" else f"{planned.name}__{path.stem}"
+                    for column in ("id", "nearest_train_id"):
+                        for row in _rows(con, path, column, row_id):
+                            hits.append({"point": point, "step": planned.name, "kind": planned.kind,
+                                         "table": table, "match": column, "row": row})
+    return hits
+
+
+def _rows(con, path: Path, column: str, value: str) -> list[dict]:
+    columns = [r[0] for r in con.execute("SELECT name FROM parquet_schema(?)", [str(path)]).fetchall()]
+    if column not in columns:
+        return []
+    frame = con.execute(f'SELECT * FROM read_parquet(?) WHERE CAST("{column}" AS VARCHAR) = ?',
+                        [str(path), value]).fetchall()
+    names = [d[0] for d in con.description]
+    return [{k: _short(v) for k, v in zip(names, row)} for row in frame]
+
+
+def _short(value):
+    if isinstance(value, (list, dict)):
+        value = json.dumps(value, ensure_ascii=False, default=str)
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        return value[:MAX_TEXT] + "..."
+    return value
