@@ -86,6 +86,8 @@ def execute(plans: list[Plan], tracker=None) -> RunResult:
     experiment = spec.tracking.experiment or spec.name
     lock = workspace.lock()
     workspace.clean_tmp()
+    # we hold the workspace: any of its runs still RUNNING was left by a killed process
+    tracker.close_stale_runs(experiment, str(workspace.root))
     result = RunResult(workspace=workspace, run_id="", points=[], tracking_location=tracker.location())
     sweep = len(plans) > 1 or bool(first.resolved.point)
     parent = None

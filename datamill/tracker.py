@@ -55,6 +55,10 @@ class Tracker(Protocol):
     def location(self) -> str:
         """Where results can be browsed (tracking URI), for the final message."""
 
+    def close_stale_runs(self, experiment: str, workspace: str) -> int:
+        """Mark KILLED the runs of `experiment` still RUNNING for `workspace` (left by a run that
+        was killed: only one run holds a workspace at a time); return how many."""
+
 
 class NullTracker:
     """Tracking disabled: every call is a no-op; run ids are empty strings."""
@@ -79,3 +83,6 @@ class NullTracker:
 
     def location(self) -> str:
         return "(tracking disabled)"
+
+    def close_stale_runs(self, experiment, workspace) -> int:
+        return 0

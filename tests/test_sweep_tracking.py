@@ -70,3 +70,22 @@ steps:
         data = f.read_bytes()
         for value in (secret, literal, "SOME_SECRET"):
             assert value.encode() not in data, f"{value} leaked into {f}"
+
+
+def test_a_run_left_running_by_a_killed_process_is_closed_by_the_next_run(write_spec):
+    from mlflow import MlflowClient
+
+    path = write_spec(SWEEP)
+    first = datamill.run(path)
+    client = MlflowClient(tracking_uri=first.tracking_location)
+    experiment = client.get_experiment_by_name("swept")
+    # what a SIGKILL leaves behind: a run of this workspace never terminated
+    orphan = client.create_run(experiment.experiment_id, run_name="killed",
+                               tags={"datamill.workspace": str(first.workspace.root)}).info.run_id
+    other = client.create_run(experiment.experiment_id, run_name="elsewhere",
+                              tags={"datamill.workspace": "/another/workspace"}).info.run_id
+    datamill.run(path)
+    assert client.get_run(orphan).info.status == "KILLED"
+    assert client.get_run(other).info.status == "RUNNING"  # another workspace's run is not ours to close
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == [other]

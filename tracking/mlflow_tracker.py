@@ -60,6 +60,19 @@ class MlflowTracker:
     def location(self) -> str:
         return self.uri
 
+    def close_stale_runs(self, experiment: str, workspace: str) -> int:
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return 0
+        quoted = workspace.replace("'", "\\'")
+        stale = self.client.search_runs(
+            [found.experiment_id], max_results=1000,
+            filter_string=f"attributes.status = 'RUNNING' and tags.`datamill.workspace` = '{quoted}'")
+        for run in stale:
+            self.client.set_tag(run.info.run_id, "datamill.closed_by", "the next run: this one was interrupted")
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+        return len(stale)
+
     # --- logging ---
     def log_step(self, run_id: str, step: StepRecord) -> None:
         if step.tables:
