@@ -124,7 +124,9 @@ class MlflowTracker:
         if found is not None:
             return found.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=self._artifact_location(name))
+            # "finetuning": MLflow 3's UI then opens on training runs, not its GenAI trace views
+            return self.client.create_experiment(name, artifact_location=self._artifact_location(name),
+                                                 tags={"mlflow.experimentKind": "finetuning"})
         except MlflowException:
             found = self.client.get_experiment_by_name(name)  # created concurrently by another process
             if found is None:
