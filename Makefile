@@ -9,13 +9,16 @@ STAMP  := $(VENV)/.datamill-installed
 # pip prints a harmless "Location ... is ignored" line per package on these machines: filtered out.
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-all install schema clean
+.PHONY: demo test test-slow test-all install schema clean
 
 demo: $(STAMP)
 	$(BIN)/datamill run examples/quickstart.yaml
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 
 test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "slow or not slow"
