@@ -34,6 +34,7 @@ class _PlainBar:
     def __init__(self, desc: str, total: int | None, unit: str, every_s: float = 10.0):
         self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
         self.done = 0
+        self.shown = -1  # `done` at the last line printed
         self.start = self.last = time.monotonic()
 
     def advance(self, n: int = 1) -> None:
@@ -44,12 +45,13 @@ class _PlainBar:
             self._line(now)
 
     def _line(self, now: float) -> None:
+        self.shown = self.done
         rate = self.done / max(now - self.start, 1e-9)
         of = f"/{self.total}" if self.total is not None else ""
         print(f"  {self.desc}: {self.done}{of} {self.unit} ({rate:.1f} {self.unit}/s)", file=sys.stderr)
 
     def close(self) -> None:
-        if time.monotonic() - self.start >= 1.0:
+        if time.monotonic() - self.start >= 1.0 and self.done != self.shown:  # not the same line twice
             self._line(time.monotonic())
 
 

@@ -221,7 +221,8 @@ class EvaluateStep(Step):
             ids = [f"python-docs:{i}" for i in range(len(texts))]
         rows, summaries = [], {}
         for metric in cfg.self_supervised:
-            with progress.bar(f"{ctx.name}: {metric}", total=None, unit="examples") as bar:
+            label = ctx.name if ctx.name == metric else f"{ctx.name}: {metric}"
+            with progress.bar(label, total=None, unit="examples") as bar:
                 found, summary = run_metric(metric, lm.model, lm.tokenizer, texts, max_examples=cfg.max_examples,
                                             batch_size=cfg.batch_size, progress=bar.advance)
             summaries[f"byod_{metric}"] = summary
