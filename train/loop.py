@@ -669,14 +669,29 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _peak_memory_mb(accelerator) -> dict:
-    import resource
-
     import torch
 
-    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    out = {"peak_rss_mb": _peak_rss_mb()}
     if accelerator.device.type == "cuda":
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM, not ru_maxrss: ru_maxrss keeps the
+    high-water mark of the process image before exec, so a trainer started by a big parent
+    (e.g. a test runner holding a model) would report the parent's memory."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)  # bytes on macOS, kB elsewhere
 
 
 def _summary(cfg, history, examples, train_labels, train_idx, eval_idx, packed, select, total_steps,
