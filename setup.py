@@ -1,7 +1,7 @@
 """The one compiled part of datamill: ZIP-FIT's DEFLATE size kernel (selection/_deflate_size.c).
 
 `optional=True`: if the compiler fails, the install still succeeds and ZIP-FIT falls back to
-zlib (correct, about 2.5x slower) with a warning. Everything else is in pyproject.toml.
+zlib (same scores, about 3x slower) with a warning. Everything else is in pyproject.toml.
 """
 
 from setuptools import Extension, setup

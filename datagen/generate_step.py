@@ -155,6 +155,7 @@ class GenerateStep(Step):
     """Generate instruction data with an LLM from generator prompts (GenQA)."""
 
     kind = "generate"
+    execution_only = ("batch_size", "device", "max_failed_fraction")
     Config = GenerateConfig
     version = "1"
     side_tables = ("rejected",)
@@ -170,9 +171,7 @@ class GenerateStep(Step):
                 raise FieldError(("prompts", i), str(e)) from None
 
     def key_config(self) -> dict:
-        config = self.config.model_dump(mode="json")
-        for field in ("batch_size", "device", "max_failed_fraction"):
-            config.pop(field)
+        config = super().key_config()
         if self.config.backend == "openai":
             for field in ("max_in_flight", "timeout_s", "max_retries", "backoff_s", "api_key_env", "api_key"):
                 config["openai"].pop(field)

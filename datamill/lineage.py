@@ -42,17 +42,15 @@ def lineage(spec, row_id: str, overrides: list[str] | None = None) -> list[dict]
                 tables = sorted((plan.workspace.step_dir(planned.key) / "tables").glob("*.parquet"))
                 for path in tables:
                     table = planned.name if path.stem == "main" else f"{planned.name}__{path.stem}"
+                    names = {r[0] for r in con.execute("SELECT name FROM parquet_schema(?)", [str(path)]).fetchall()}
                     for column in ("id", "nearest_train_id"):
-                        for row in _rows(con, path, column, row_id):
+                        for row in (_rows(con, path, column, row_id) if column in names else []):
                             hits.append({"point": point, "step": planned.name, "kind": planned.kind,
                                          "table": table, "match": column, "row": row})
     return hits
 
 
 def _rows(con, path: Path, column: str, value: str) -> list[dict]:
-    columns = [r[0] for r in con.execute("SELECT name FROM parquet_schema(?)", [str(path)]).fetchall()]
-    if column not in columns:
-        return []
     frame = con.execute(f'SELECT * FROM read_parquet(?) WHERE CAST("{column}" AS VARCHAR) = ?',
                         [str(path), value]).fetchall()
     names = [d[0] for d in con.description]

@@ -91,10 +91,17 @@ class Step:
     def check(self, env: Env) -> None:
         """Extra validation beyond the pydantic model; raise `FieldError(field, message)`."""
 
+    execution_only: tuple[str, ...] = ()
+    """Config fields that change how the work runs but not what it produces (device, logging
+    cadence): left out of the cache key."""
+
     def key_config(self) -> dict:
-        """The config as it enters the cache key. Override to drop fields that change how the
-        work runs but not what it produces (requests in flight, batch size)."""
-        return self.config.model_dump(mode="json")
+        """The config as it enters the cache key: without `execution_only` fields. Override for
+        finer cuts (fields inside nested sections)."""
+        config = self.config.model_dump(mode="json")
+        for name in self.execution_only:
+            config.pop(name)
+        return config
 
     def key_material(self, env: Env) -> dict:
         """Anything beyond config and inputs that decides the output (e.g. a file's hash)."""

@@ -24,7 +24,6 @@ from pydantic import Field, model_validator
 from datamill.errors import DatamillError, FieldError, did_you_mean
 from datamill.step import Step, StepConfig
 
-EXECUTION_ONLY = ("device",)
 
 
 class EvaluateConfig(StepConfig):
@@ -77,6 +76,7 @@ class EvaluateStep(Step):
     """lm-eval tasks on one model; metrics with stderr, results JSON, a per-example table."""
 
     kind = "evaluate"
+    execution_only = ("device",)
     Config = EvaluateConfig
     version = "1"
 
@@ -103,12 +103,6 @@ class EvaluateStep(Step):
             if name not in known:
                 raise FieldError(("tasks", i), f"unknown task '{name}'{did_you_mean(name, known)}; available: "
                                  f"{', '.join(sorted(known))} (lm-eval's built-in tasks: lm_eval_defaults: true)")
-
-    def key_config(self) -> dict:
-        config = self.config.model_dump(mode="json")
-        for name in EXECUTION_ONLY:
-            config.pop(name)
-        return config
 
     def key_material(self, env) -> dict:
         # The tasks decide the results: the YAML of each task asked for (a group's, and its

@@ -40,7 +40,7 @@ class SelectConfig(StepConfig):
     """Rows to keep: a count (200) or a fraction of the candidates (0.1). When the pool (or the
     `per_family` caps) run out first, fewer rows are kept and the stats say `budget_clipped`."""
     params: dict[str, Any] = {}
-    """Keyword arguments of the method, e.g. {level: 9} for zipfit, {longest: false} for length.
+    """Keyword arguments of the method, e.g. {level: 9, mode: fast} for zipfit, {longest: false} for length.
     `workers` (processes) is not part of the cache key."""
     column: Optional[str] = None
     """Candidate text column: default `messages` (contents joined by newlines), else `text`."""
@@ -92,7 +92,7 @@ class SelectStep(Step):
             raise FieldError("method", str(e)) from None
 
     def key_config(self) -> dict:
-        config = self.config.model_dump(mode="json")
+        config = super().key_config()
         config["params"] = {k: v for k, v in config["params"].items() if k not in EXECUTION_ONLY_PARAMS}
         return config
 

@@ -410,3 +410,18 @@ def test_the_evaluation_key_follows_the_tasks_it_runs_not_the_whole_folder(tmp_p
     mc.write_text(mc.read_text().replace("num_fewshot: 1", "num_fewshot: 0"))
     (folder / "data" / "capitals_test.jsonl").write_text("")
     assert key() != before  # so did the data
+
+
+def test_the_shipped_tasks_are_what_the_exporter_writes(tmp_path):
+    """evals/tasks/ is generated (datagen/lm_eval_export.py, evals/mmlu_dev.py): a stale copy
+    (an edited loader, task or row) fails here; regenerate with the two commands in README."""
+    from datagen.lm_eval_export import export_lm_eval_tasks
+    from evals import mmlu_dev
+
+    export_lm_eval_tasks(tmp_path, n=100, seed=1234, fewshot_n=20)
+    mmlu_dev.main([str(tmp_path)])
+    shipped = {p.relative_to(SHIPPED_TASKS) for p in SHIPPED_TASKS.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    fresh = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
+    assert shipped == fresh
+    for rel in sorted(fresh):
+        assert (SHIPPED_TASKS / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel

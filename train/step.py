@@ -30,6 +30,7 @@ class TrainStep(Step):
     """Fine-tune a model (LoRA or full) with packing, goldfish loss and NEFTune; resumable."""
 
     kind = "train"
+    execution_only = EXECUTION_ONLY
     Config = TrainConfig
     version = "1"
     produces_model = True
@@ -53,12 +54,6 @@ class TrainStep(Step):
             raise FieldError("data", "mixture weights must include a positive one")
         if cfg.eval_data in cfg.tables():
             raise FieldError("eval_data", f"'{cfg.eval_data}' is also a training table: hold out a separate table")
-
-    def key_config(self) -> dict:
-        config = self.config.model_dump(mode="json")
-        for name in EXECUTION_ONLY:
-            config.pop(name)
-        return config
 
     # --- running ---------------------------------------------------------------------------
 
