@@ -1,9 +1,9 @@
 """datamill: a declarative toolkit for data-centric post-training research.
 
     import datamill
-    result = datamill.run("examples/quickstart.yaml", overrides=["steps.clean.dedup.exact=false"])
+    result = datamill.run("examples/clean.yaml", overrides=["steps.clean.dedup.exact=false"])
     result.table("clean")                 # Polars DataFrame
-    datamill.open(".datamill/quickstart").table("clean")
+    datamill.open("examples/.datamill/clean").table("clean")
 
 Importing datamill is cheap: nothing heavy (torch, mlflow, polars) is imported until used.
 """

@@ -77,6 +77,8 @@ def run(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt) -> None:
 
     result = run_spec(spec, set_, quiet=progress.is_quiet())
     console = progress.console()
+    if len(result.points) > 1:
+        _print_comparison(console, result)
     ran = len(result.executed)
     total = sum(len(p.steps) for p in result.points)
     note = "everything was cached" if ran == 0 else f"{ran} step{'s' if ran != 1 else ''} ran, {total - ran} cached"
@@ -84,6 +86,25 @@ def run(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt) -> None:
     console.print(f"tables: datamill sql {spec} \"SELECT * FROM <table>\"   (catalog: {result.workspace.catalog_path})")
     if result.run_id:
         console.print(f"MLflow: {result.tracking_location}  run {result.run_id}   open it with: datamill ui {spec}")
+
+
+def _print_comparison(console, result) -> None:
+    """The sweep's points side by side (the numbers its steps offer for comparison)."""
+    from rich.table import Table
+
+    from datamill.executor import comparison
+
+    compared = comparison(result)
+    if not compared.columns:
+        return
+    table = Table(title=f"{len(result.points)} sweep points", title_justify="left")
+    table.add_column("point")
+    for column in compared.columns:
+        table.add_column(column, justify="right")
+    for label, row in zip(compared.rows, compared.values):
+        name = f"{label} [dim](same in every point)[/dim]" if label in compared.references else label
+        table.add_row(name, *("" if v is None else f"{v:.4g}" for v in row))
+    console.print(table)
 
 
 @app.command("eval")
@@ -127,7 +148,8 @@ def eval_(models: str = typer.Option(..., "--models", help="Comma-separated mode
                     f"name: eval\nmodels: {{model: {json.dumps(refs[0])}}}\nsteps:\n" + "\n".join(steps) +
                     f"\nsweep:\n  models.model: {json.dumps(refs)}\n")
     result = run_spec(spec, quiet=progress.is_quiet())
-    _, columns, values = comparison(result)
+    compared = comparison(result)
+    columns, values = compared.columns, compared.values
     table = Table(title="tasks x models", title_justify="left")
     table.add_column("task.metric")
     for ref in refs:

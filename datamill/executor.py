@@ -114,34 +114,66 @@ def execute(plans: list[Plan], tracker=None) -> RunResult:
     return result
 
 
-def comparison(result: RunResult) -> tuple[list[str], list[str], list[list[float | None]]]:
-    """(point labels, "<step>.<metric>" columns, values) of the numbers each step offers for
-    comparison (Step.comparison_metrics), one row per sweep point."""
-    rows = []
+@dataclass
+class Comparison:
+    """A sweep's numbers side by side: a row per point, a column per "<step>.<metric>" of the
+    steps that differ between points (Step.comparison_metrics). A step that is the same in
+    every point but measures what a differing step measures (the base model evaluated like the
+    fine-tuned ones) adds a reference row, named after it."""
+
+    rows: list[str]
+    columns: list[str]
+    values: list[list[float | None]]
+    references: set[str] = field(default_factory=set)
+
+
+def comparison(result: RunResult) -> Comparison:
+    measured = []  # per point: step name -> (key, its comparison metrics)
     for point in result.points:
-        values = {}
+        steps = {}
         for planned in point.plan.steps:
             record = point.steps.get(planned.name)
-            if record is not None:
-                values.update({f"{planned.name}.{k}": v for k, v in planned.step.comparison_metrics(record.stats).items()})
-        rows.append((point.label or point.run_id, values))
+            metrics = planned.step.comparison_metrics(record.stats) if record is not None else {}
+            if metrics:
+                steps[planned.name] = (planned.key, metrics)
+        measured.append(steps)
+    names = list(dict.fromkeys(name for steps in measured for name in steps))
+    shared = [name for name in names if len(measured) > 1 and all(name in steps for steps in measured)
+              and len({steps[name][0] for steps in measured}) == 1]
+    varying = [name for name in names if name not in shared]
+    rows = [(point.label or point.run_id,
+             {f"{name}.{m}": v for name in varying if name in steps for m, v in steps[name][1].items()})
+            for point, steps in zip(result.points, measured)]
     columns = list(dict.fromkeys(c for _, values in rows for c in values))
-    return [label for label, _ in rows], columns, [[values.get(c) for c in columns] for _, values in rows]
+    references = set()
+    for name in shared:
+        metrics = measured[0][name][1]
+        values = {f"{other}.{m}": v for other in varying for m, v in metrics.items() if f"{other}.{m}" in columns}
+        if values:
+            rows.append((name, values))
+            references.add(name)
+    return Comparison([label for label, _ in rows], columns, [[values.get(c) for c in columns] for _, values in rows],
+                      references)
 
 
 def _log_comparison(result: RunResult, tracker, parent: str) -> None:
-    """A sweep's points side by side on its parent run: a table and a heatmap (comparison.png)."""
-    labels, columns, values = comparison(result)
-    if not columns:
+    """A sweep's points side by side on its parent run: a table, a heatmap (comparison.png)
+    and a bar chart per metric (comparison_bars.png)."""
+    table = comparison(result)
+    if not table.columns:
         return
-    tracker.log_table(parent, "comparison", {"point": labels, **{c: [row[j] for row in values]
-                                                                 for j, c in enumerate(columns)}})
-    from datamill.plots import heatmap
+    tracker.log_table(parent, "comparison", {"point": table.rows, **{c: [row[j] for row in table.values]
+                                                                     for j, c in enumerate(table.columns)}})
+    from datamill.plots import bars, heatmap
 
     folder = result.workspace.steps_dir / ".tmp" / f"comparison-{parent}"  # cleaned on the next run
     folder.mkdir(parents=True, exist_ok=True)
-    heatmap(folder / "comparison.png", labels, columns, values, title=f"{len(labels)} sweep points")
+    points = len(table.rows) - len(table.references)
+    heatmap(folder / "comparison.png", table.rows, table.columns, table.values, title=f"{points} sweep points")
+    bars(folder / "comparison_bars.png", table.rows, table.columns, table.values, muted=table.references,
+         title=f"{points} sweep points" + (f" (grey: {', '.join(sorted(table.references))})" if table.references else ""))
     tracker.log_artifact(parent, folder / "comparison.png", "comparison")
+    tracker.log_artifact(parent, folder / "comparison_bars.png", "comparison")
 
 
 def _run_point(plan: Plan, tracker, experiment: str, parent: str | None, result: RunResult) -> PointResult:

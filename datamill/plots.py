@@ -89,3 +89,36 @@ def heatmap(path: Path, rows: list[str], columns: list[str], values: list[list[f
                         color="black" if shade[i][j] > 0.6 else "white")
     ax.set_title(f"{title} (colour: within each column, low to high)", fontsize=10)
     return _save(fig, path)
+
+
+def bars(path: Path, rows: list[str], columns: list[str], values: list[list[float | None]], *, title: str,
+         muted: set[str] = frozenset()) -> Path:
+    """One small bar chart per column (metrics have different scales), a bar per row; rows in
+    `muted` (a reference such as the base model) are drawn grey."""
+    import math
+
+    plt = _pyplot()
+    width = min(4, len(columns))
+    height = math.ceil(len(columns) / width)
+    fig, axes = plt.subplots(height, width, figsize=(3.2 * width + 1, 0.35 * len(rows) * height + 1.4 * height),
+                             squeeze=False)
+    try:
+        for j, column in enumerate(columns):
+            ax = axes[j // width][j % width]
+            shown = [(row, values[i][j]) for i, row in enumerate(rows) if values[i][j] is not None]
+            ys = range(len(shown))
+            ax.barh(list(ys), [float(v) for _, v in shown],
+                    color=["#9e9e9e" if row in muted else "#3b75af" for row, _ in shown])
+            ax.set_yticks(list(ys), labels=[row for row, _ in shown], fontsize=8)
+            ax.invert_yaxis()  # first row on top, as in the table
+            for y, (_, v) in zip(ys, shown):
+                ax.text(float(v), y, f" {float(v):.3g}", va="center", fontsize=7)
+            ax.set_title(column, fontsize=8)
+            ax.tick_params(axis="x", labelsize=7)
+            ax.grid(axis="x", alpha=0.3)
+        for j in range(len(columns), width * height):
+            axes[j // width][j % width].axis("off")
+        fig.suptitle(title, fontsize=10)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -110,3 +110,18 @@ def track(iterable, desc: str, total: int | None = None, unit: str = "rows"):
         for item in iterable:
             yield item
             b.advance()
+
+
+@contextmanager
+def no_hf_loading_bars():
+    """transformers prints a "Loading weights" bar per model load: noise next to our own bars
+    (loads take a second). Restored afterwards, so a notebook user's setting stays theirs."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()

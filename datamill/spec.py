@@ -210,13 +210,15 @@ class LoadedSpec:
         return [dict(zip(keys, combo)) for combo in combos]
 
     def points(self) -> list[ResolvedSpec]:
+        points = self.sweep_points()
+        labels = point_labels(points)
         resolved = []
-        for point in self.sweep_points():
+        for point, label in zip(points, labels):
             sweep_overrides = [Override(tuple(str(k).split(".")), v, f"sweep {k}") for k, v in point.items()]
-            resolved.append(self._resolve(self.overrides + sweep_overrides, point))
+            resolved.append(self._resolve(self.overrides + sweep_overrides, point, label))
         return resolved
 
-    def _resolve(self, overrides: list[Override], point: dict) -> ResolvedSpec:
+    def _resolve(self, overrides: list[Override], point: dict, label: str = "") -> ResolvedSpec:
         data = _apply(self.doc.data, overrides)
         if not isinstance(data, dict):
             raise SpecError(f"{self.doc.file}: expected a mapping at the top level, found {type(data).__name__}")
@@ -235,11 +237,23 @@ class LoadedSpec:
             except ValidationError as e2:
                 raise SpecError(_format_validation(e2, self.doc, overrides, model)) from None
         env = Env(base_dir=self.path.parent.resolve())
-        # zip sweeps often set one value in several places: say each name=value once
-        label = ",".join(dict.fromkeys(f"{k.split('.')[-1]}={v}" for k, v in point.items()))
         resolved = ResolvedSpec(spec=spec, raw=data, path=self.path, env=env, point=point, label=label)
         check_references(resolved, self.doc, overrides)
         return resolved
+
+
+def point_labels(points: list[dict]) -> list[str]:
+    """Run names of sweep points: "method=zipfit,budget=200". Zip sweeps often set one value in
+    several places (said once) and pair a method with its params: lists and mappings are left
+    out when the plain values alone still tell every point apart."""
+    def label(point: dict, plain_only: bool) -> str:
+        items = [(k, v) for k, v in point.items() if not (plain_only and isinstance(v, (dict, list)))]
+        return ",".join(dict.fromkeys(f"{str(k).split('.')[-1]}={v}" for k, v in items))
+
+    short = [label(p, plain_only=True) for p in points]
+    if all(short) and len(set(short)) == len(short):
+        return short
+    return [label(p, plain_only=False) for p in points]
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> LoadedSpec:

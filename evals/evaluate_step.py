@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
@@ -54,6 +54,9 @@ class EvaluateConfig(StepConfig):
     """Few-shot examples per prompt (default: each task's own setting)."""
     limit: Optional[int] = Field(None, ge=1)
     """Evaluate only the first `limit` examples of each task (quick checks)."""
+    gen_kwargs: dict[str, Union[str, int, float, bool]] = {}
+    """Overrides of generate_until tasks' generation settings, e.g. {max_gen_toks: 16} for short
+    answers (lm-eval's own `gen_kwargs`; a batch generates until its longest answer ends)."""
     batch_size: int = Field(8, ge=1)
     apply_chat_template: Optional[bool] = None
     """Wrap prompts in the model's chat template. Default: when the tokenizer has one (instruct
@@ -148,7 +151,7 @@ class EvaluateStep(Step):
         if cfg.tasks:
             run = evaluate(lm, cfg.tasks, include_paths=self._include_paths(ctx.env.base_dir),
                            defaults=cfg.lm_eval_defaults, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                           apply_chat_template=chat, seed=cfg.seed)
+                           apply_chat_template=chat, seed=cfg.seed, gen_kwargs=cfg.gen_kwargs)
             samples, metrics, results = run.samples, run.metrics, run.results
         if cfg.self_supervised:
             rows, summaries = self._self_supervised(ctx, lm)

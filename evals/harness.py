@@ -110,11 +110,14 @@ def hf_model(path, *, device: str = "auto", batch_size: int = 8):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs = {"device": device, "batch_size": batch_size, "dtype": "float32" if device == "cpu" else "auto"}
+    from datamill.progress import no_hf_loading_bars
+
     adapter = path / "adapter_config.json"
-    if adapter.is_file():
-        base = json.loads(adapter.read_text())["base_model_name_or_path"]
-        return HFLM(pretrained=base, peft=str(path), tokenizer=str(path), **kwargs)
-    return HFLM(pretrained=str(path), **kwargs)
+    with no_hf_loading_bars():
+        if adapter.is_file():
+            base = json.loads(adapter.read_text())["base_model_name_or_path"]
+            return HFLM(pretrained=base, peft=str(path), tokenizer=str(path), **kwargs)
+        return HFLM(pretrained=str(path), **kwargs)
 
 
 @dataclass
@@ -126,7 +129,7 @@ class EvalRun:
 
 def evaluate(lm, tasks: list[str], *, include_paths=(), defaults: bool = False, num_fewshot: int | None = None,
              limit: int | None = None, apply_chat_template: bool = False, seed: int = 1234,
-             work_dir: Path | None = None) -> EvalRun:
+             work_dir: Path | None = None, gen_kwargs: dict | None = None) -> EvalRun:
     """Run `tasks` on an lm-eval LM (HFLM or any registered LM class), samples logged.
     `work_dir`: where copies of `include_paths` with absolute data paths go (a temp folder if None)."""
     import tempfile
@@ -134,7 +137,8 @@ def evaluate(lm, tasks: list[str], *, include_paths=(), defaults: bool = False, 
 
     import lm_eval
 
-    logging.getLogger("lm_eval.api.task").addFilter(_drop_custom_kwargs_notice)
+    for name in ("lm_eval.api.task", "lm_eval.evaluator"):
+        logging.getLogger(name).addFilter(_drop_notices_for_cli_users)
     if hasattr(lm, "model") and hasattr(lm.model, "eval"):
         lm.model.eval()  # evaluation never trains: no dropout, no training-time hooks
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,15 +146,17 @@ def evaluate(lm, tasks: list[str], *, include_paths=(), defaults: bool = False, 
         res = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot, limit=limit,
             log_samples=True, apply_chat_template=apply_chat_template, random_seed=seed,
-            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, gen_kwargs=gen_kwargs or None)
     samples = res.pop("samples")
     results = json.loads(json.dumps(res, default=str))
     return EvalRun(results=results, metrics=task_metrics(results), samples=sample_rows(samples))
 
 
-def _drop_custom_kwargs_notice(record) -> bool:
-    """lm-eval logs a hint about --metadata for every task with a custom loader: not for us."""
-    return "Custom kwargs can be passed" not in record.getMessage()
+def _drop_notices_for_cli_users(record) -> bool:
+    """lm-eval logs a hint about --metadata for every task with a custom loader, and calls
+    gen_kwargs "specified through cli": neither speaks to a spec's user."""
+    message = record.getMessage()
+    return "Custom kwargs can be passed" not in message and "specified through cli" not in message
 
 
 def task_metrics(results: dict) -> dict[str, dict[str, float]]:

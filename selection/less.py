@@ -228,15 +228,11 @@ def load_checkpoint_model(base_dir: Path, lora: dict, state_path: Path):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per checkpoint is noise
-    try:
+    from datamill.progress import no_hf_loading_bars
+
+    with no_hf_loading_bars():
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0, task_type="CAUSAL_LM",
                         target_modules=lora["targets"])
     with warnings.catch_warnings():

@@ -113,6 +113,10 @@ class SelectStep(Step):
             pass  # check() reports a missing method; a function without source keys by name
         return {}
 
+    def comparison_metrics(self, stats: dict) -> dict[str, float]:
+        """The share of the selection from the target's family, when the rows carry families."""
+        return {"target_family_precision": stats["target_family_precision"]} if "target_family_precision" in stats else {}
+
     def run(self, ctx) -> None:
         import numpy as np
         import polars as pl

@@ -296,7 +296,7 @@ def test_eval_command_sweeps_models_by_tasks_with_a_heatmap_on_the_parent(tiny, 
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert all("datamill_capitals_mc.tasks.datamill_capitals_mc.acc" in c.data.metrics for c in children)
     artifacts = [a.path for a in client.list_artifacts(parents[0].info.run_id, "comparison")]
-    assert artifacts == ["comparison/comparison.png"]
+    assert artifacts == ["comparison/comparison.png", "comparison/comparison_bars.png"]
     # one more task: only its two (model, task) pairs run
     again = CliRunner().invoke(app, args[:4] + ["datamill_capitals_mc,datamill_sort_exact,datamill_units_mc"] + args[5:])
     assert again.exit_code == 0, again.output

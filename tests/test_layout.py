@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,15 +37,20 @@ def test_only_tracking_imports_mlflow():
 
 
 def test_validate_and_plan_import_nothing_heavy(write_spec):
-    # quickstart uses sources, sql, polars and dedup; a model reference exercises the resolver
-    spec = write_spec((ROOT / "examples" / "quickstart.yaml").read_text() + "models:\n  m: builtin:tiny-llama\n")
+    # the quickstart has every heavy kind (generate, select, train, evaluate) and a sweep; the
+    # cleaning tour has polars (user code) and dedup
+    spec = write_spec((ROOT / "examples" / "quickstart.yaml").read_text())
+    shutil.copytree(ROOT / "examples" / "prompts", spec.parent / "prompts")
+    clean = spec.parent / "clean.yaml"
+    clean.write_text((ROOT / "examples" / "clean.yaml").read_text().replace("path: data/", f"path: {ROOT}/examples/data/"))
     (spec.parent / "transforms.py").write_text((ROOT / "examples" / "transforms.py").read_text())
     code = f"""
 import sys
 from datamill.api import plans
 from datamill.plan import describe
-for p in plans({str(spec)!r}):
-    describe(p)
+for path in ({str(spec)!r}, {str(clean)!r}):
+    for p in plans(path):
+        describe(p)
 heavy = [m for m in {HEAVY!r} if m in sys.modules]
 print(heavy)
 """

@@ -155,6 +155,17 @@ def test_sweep_points_grid_and_zip(write_spec):
     assert [p.label for p in points] == ["threshold=0.5,exact=True", "threshold=0.9,exact=False"]
 
 
+def test_sweep_labels_leave_out_paired_params_when_the_method_names_the_point():
+    from datamill.spec import point_labels
+
+    zipped = [{"s.method": "zipfit", "s.params": {"level": 9}}, {"s.method": "less", "s.params": {"epochs": 1}}]
+    assert point_labels(zipped) == ["method=zipfit", "method=less"]
+    # a grid over params with one method: the params are what tell the points apart
+    grid = [{"s.method": "zipfit", "s.params": {"level": 9}}, {"s.method": "zipfit", "s.params": {"level": 1}}]
+    assert point_labels(grid) == ["method=zipfit,params={'level': 9}", "method=zipfit,params={'level': 1}"]
+    assert point_labels([{}]) == [""]
+
+
 def test_sweep_errors(write_spec):
     msg = errors_of(write_spec(GOOD + "sweep:\n  steps.clean.dedup.minhash.threshold: 0.5\n"))
     assert "expected a non-empty list" in msg

@@ -1,18 +1,25 @@
 """The MLflow UI as a person sees it: a real headless Chromium (Debian's, driven by Playwright)
 opens `datamill ui`'s server after a small sweep with training, finds the parent and child
-runs, a child's metrics and its loss-curve artifact, and saves a screenshot to
-tests/artifacts/ (not committed). Needs /usr/bin/chromium and `pip install playwright`
-(.ci/run installs both for the slow suite); skipped without them."""
+runs, a child's metrics and its loss-curve artifact, and saves screenshots to tests/artifacts/
+(not committed). Needs /usr/bin/chromium and `pip install playwright` (.ci/run installs both
+for the slow suite); skipped without them.
+
+The README's picture comes from the same code on the quickstart's store:
+    python tests/test_ui_browser.py examples/quickstart.yaml docs/
+"""
 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 pytestmark = [
     pytest.mark.slow,
@@ -31,42 +38,70 @@ sweep:
 """
 
 
-def test_the_mlflow_ui_shows_the_sweep_its_metrics_and_the_loss_curve(write_spec, tmp_path_factory, monkeypatch):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    import datamill
-    from datamill.executor import tracking_target
+def browse_sweep(uri: str, artifacts: Path, experiment: str, *, out_dir: Path, children: int) -> dict[str, Path]:
+    """Open the MLflow UI on a finished sweep, as a user would, and screenshot three pages: the
+    experiment's runs (the parent with its `children` nested), the first child's page (its name
+    and a metric shown) and the child's loss-curve artifact. Returns name -> PNG path; raises
+    (Playwright's timeout) when a page does not show what it should."""
+    from mlflow import MlflowClient
+    from playwright.sync_api import sync_playwright
+
     from tracking.ui import start_server, stop_server
 
-    monkeypatch.setenv("DATAMILL_MODEL_CACHE", str(tmp_path_factory.mktemp("models")))
-    spec = write_spec(SPEC)
-    result = datamill.run(spec)
-    uri, artifacts = tracking_target(result.points[0].plan)
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("ui_check").experiment_id
-    child = result.points[0].run_id
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"])
+    parent = next(r for r in runs if r.data.tags.get("datamill.role") == "sweep")
+    kids = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                  key=lambda r: r.info.start_time)
+    child = kids[0]
+    metric = next(m for m in sorted(child.data.metrics) if m.endswith(".loss"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shots = {name: out_dir / f"mlflow_ui_{name}.png" for name in ("experiment", "run", "artifacts")}
     server, url = start_server(uri, artifacts)
-    ARTIFACTS.mkdir(exist_ok=True)
-    browser_args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=browser_args)
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{url}/#/experiments/{experiment}/runs")
-            page.get_by_text("ui_check (sweep of 2)").first.wait_for(timeout=60_000)  # the parent run
-            page.get_by_text("3 matching runs").first.wait_for(timeout=30_000)  # the children nest under it
-            page.screenshot(path=str(ARTIFACTS / "mlflow_ui_experiment.png"))
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 720})
+            page.goto(f"{url}/#/experiments/{experiment_id}/runs")
+            page.get_by_text(parent.info.run_name).first.wait_for(timeout=60_000)
+            page.get_by_text(f"{children + 1} matching runs").first.wait_for(timeout=30_000)  # children nest under it
+            page.screenshot(path=str(shots["experiment"]))
 
-            page.goto(f"{url}/#/experiments/{experiment}/runs/{child}")
-            page.get_by_text("lr=0.01").first.wait_for(timeout=60_000)  # the child's name
-            page.get_by_text("sft.loss").first.wait_for(timeout=60_000)  # one of its metrics
-            page.screenshot(path=str(ARTIFACTS / "mlflow_ui_run.png"))
+            page.goto(f"{url}/#/experiments/{experiment_id}/runs/{child.info.run_id}")
+            page.get_by_text(child.info.run_name).first.wait_for(timeout=60_000)
+            page.get_by_text(metric).first.wait_for(timeout=60_000)
+            page.screenshot(path=str(shots["run"]))
 
-            page.goto(f"{url}/#/experiments/{experiment}/runs/{child}/artifacts/sft/loss_curve.png")
+            page.goto(f"{url}/#/experiments/{experiment_id}/runs/{child.info.run_id}/artifacts/"
+                      f"{metric.split('.')[0]}/loss_curve.png")
             page.get_by_text("loss_curve.png").first.wait_for(timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "mlflow_ui_artifacts.png"))
+            page.screenshot(path=str(shots["artifacts"]))
             browser.close()
     finally:
         stop_server(server)
+    return shots
+
+
+def test_the_mlflow_ui_shows_the_sweep_its_metrics_and_the_loss_curve(write_spec, tmp_path_factory, monkeypatch):
+    pytest.importorskip("playwright.sync_api")
+    import datamill
+    from datamill.executor import tracking_target
+
+    monkeypatch.setenv("DATAMILL_MODEL_CACHE", str(tmp_path_factory.mktemp("models")))
+    result = datamill.run(write_spec(SPEC))
+    uri, artifacts = tracking_target(result.points[0].plan)
+    shots = browse_sweep(uri, artifacts, "ui_check", out_dir=ARTIFACTS, children=2)
+    assert all(path.stat().st_size > 10_000 for path in shots.values())  # a rendered page, not a blank one
+
+
+if __name__ == "__main__":  # the README's screenshot of a finished spec's sweep
+    from datamill.api import plans
+    from datamill.executor import tracking_target
+
+    spec, out = sys.argv[1], Path(sys.argv[2])
+    first = plans(spec)
+    uri, artifacts = tracking_target(first[0])
+    name = first[0].resolved.spec.tracking.experiment or first[0].resolved.spec.name
+    for path in browse_sweep(uri, artifacts, name, out_dir=out, children=len(first)).values():
+        print(path)

@@ -17,7 +17,6 @@ exactly where it stopped, and every process of a distributed run knows the whole
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -445,17 +444,11 @@ def _quiet_libraries():
     bar; both are restored afterwards (a notebook user's settings stay theirs)."""
     import warnings
 
-    from transformers.utils import logging as hf_logging
+    from datamill.progress import no_hf_loading_bars
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
-            yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    with no_hf_loading_bars(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _mixed_precision(cfg: TrainConfig) -> str:

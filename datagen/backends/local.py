@@ -112,18 +112,14 @@ class TransformersBackend:
         self.dtype = resolve_dtype(dtype, self.device)
         self.progress_desc = progress_desc
         self.stats = BackendStats()
-        from transformers.utils import logging as hf_logging
+        from datamill.progress import no_hf_loading_bars
 
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # a "Loading weights" bar per run is noise (loading takes < 1 s)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+            with no_hf_loading_bars():
+                self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+                self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         except (OSError, ValueError) as e:
             raise DatamillError(f"cannot load the model in {model_dir} with transformers: {e}") from e
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
