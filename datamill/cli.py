@@ -85,7 +85,8 @@ def run(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt) -> None:
     console.print(f"[bold green]finished[/bold green]: {note}")
     console.print(f"tables: datamill sql {spec} \"SELECT * FROM <table>\"   (catalog: {result.workspace.catalog_path})")
     if result.run_id:
-        console.print(f"MLflow: {result.tracking_location}  run {result.run_id}   open it with: datamill ui {spec}")
+        again = " (logged by the earlier run: nothing new)" if result.logged_before else ""
+        console.print(f"MLflow: {result.tracking_location}  run {result.run_id}{again}   open it with: datamill ui {spec}")
 
 
 def _print_comparison(console, result) -> None:
@@ -98,13 +99,27 @@ def _print_comparison(console, result) -> None:
     if not compared.columns:
         return
     table = Table(title=f"{len(result.points)} sweep points", title_justify="left")
-    table.add_column("point")
-    for column in compared.columns:
-        table.add_column(column, justify="right")
+    table.add_column("point", overflow="fold")
+    for header in _short_names(compared.columns):
+        table.add_column(header, justify="right", overflow="fold")
     for label, row in zip(compared.rows, compared.values):
         name = f"{label} [dim](same in every point)[/dim]" if label in compared.references else label
         table.add_row(name, *("" if v is None else f"{v:.4g}" for v in row))
     console.print(table)
+
+
+def _short_names(columns: list[str]) -> list[str]:
+    """Each "<step>.<task>.<metric>" by its shortest dotted tail that no other column shares
+    (tables must fit an 80-column CI log); the full names are in MLflow's comparison table."""
+    parts = [c.split(".") for c in columns]
+    names = []
+    for p in parts:
+        for n in range(1, len(p) + 1):
+            tail = p[-n:]
+            if sum(q[-n:] == tail for q in parts) == 1:
+                break
+        names.append(".".join(tail))
+    return names
 
 
 @app.command("eval")
@@ -181,13 +196,22 @@ def lineage(spec: Path = SpecArg, row_id: str = typer.Argument(..., help="A row'
             typer.echo(json.dumps(hit, ensure_ascii=False, default=str))
         return
     console = progress.console()
+    from rich.markup import escape
+
+    shown: dict[str, dict] = {}  # point ("" = shared steps) -> what its earlier tables said about the row
     for hit in hits:
-        where = f"[{hit['point']}] " if hit["point"] else ""
+        where = f"\\[{escape(hit['point'])}] " if hit["point"] else ""
         how = "" if hit["match"] == "id" else "  (its nearest training row)"
-        console.print(f"[bold]{where}{hit['table']}[/bold] ({hit['kind']}){how}")
-        for column, value in hit["row"].items():
-            if column not in ("id", "messages") and value is not None:
-                console.print(f"    {column}: {value}", markup=False, highlight=False)
+        console.print(f"[bold]{where}{escape(hit['table'])}[/bold] ({hit['kind']}){how}")
+        fields = {c: v for c, v in hit["row"].items() if c != "id" and v is not None}
+        if hit["match"] == "id":
+            seen = {**shown.get("", {}), **shown.get(hit["point"], {})}
+            fields = {c: v for c, v in fields.items() if c not in seen or seen[c] != v}
+            shown.setdefault(hit["point"], {}).update(fields)
+            if not fields:
+                console.print("    (the row as above)", style="dim")
+        for column, value in fields.items():
+            console.print(f"    {column}: {value}", markup=False, highlight=False)
 
 
 @app.command()

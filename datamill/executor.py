@@ -42,6 +42,7 @@ class RunResult:
     points: list[PointResult]
     executed: list[str] = field(default_factory=list)  # "<step name>@<key>" of steps that ran (not cached)
     tracking_location: str = ""
+    logged_before: bool = False  # nothing ran, and MLflow already held these runs: none were added
 
     def table(self, name: str, point: int = -1):
         """A table of one point (default: the last) as a Polars DataFrame."""
@@ -81,13 +82,17 @@ def make_tracker(plan: Plan):
 def execute(plans: list[Plan], tracker=None) -> RunResult:
     first = plans[0]
     workspace = first.workspace
-    tracker = tracker or make_tracker(first)
     spec = first.resolved.spec
     experiment = spec.tracking.experiment or spec.name
     lock = workspace.lock()
     workspace.clean_tmp()
-    # we hold the workspace: any of its runs still RUNNING was left by a killed process
-    tracker.close_stale_runs(experiment, str(workspace.root))
+    logged = _logged_before(plans) if tracker is None else None
+    if logged:  # nothing to run and MLflow already holds these results: don't log them twice
+        tracker = NullTracker()
+    else:
+        tracker = tracker or make_tracker(first)
+        # we hold the workspace: any of its runs still RUNNING was left by a killed process
+        tracker.close_stale_runs(experiment, str(workspace.root))
     result = RunResult(workspace=workspace, run_id="", points=[], tracking_location=tracker.location())
     sweep = len(plans) > 1 or bool(first.resolved.point)
     parent = None
@@ -111,7 +116,59 @@ def execute(plans: list[Plan], tracker=None) -> RunResult:
         raise
     finally:
         lock.close()
+    if logged:
+        result.run_id, result.tracking_location, result.logged_before = logged["run_id"], logged["location"], True
+        for point, run_id in zip(result.points, logged["points"]):
+            point.run_id = run_id
+    elif result.run_id and not isinstance(tracker, NullTracker):
+        _remember_logged(plans, result)
     return result
+
+
+# An unchanged re-run reuses every step; logging it again would only add copies of the same
+# runs to MLflow (and cost seconds of MLflow start-up). The workspace remembers what it logged,
+# per plan digest, with the sqlite store's modification time: a store that changed since (runs
+# deleted, other runs logged) gets the run logged again. Remote (http) stores always do.
+
+
+def _logged_digest(plans: list[Plan]) -> str:
+    from datamill.hashing import hash_obj
+
+    uri, _ = tracking_target(plans[0])
+    return hash_obj([uri, plans[0].resolved.spec.tracking.experiment or plans[0].resolved.spec.name,
+                     [(p.resolved.label, [(s.name, s.key) for s in p.steps]) for p in plans]])
+
+
+def _store_stamp(uri: str) -> float | None:
+    path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    return path.stat().st_mtime if path is not None and path.exists() else None
+
+
+def _logged_before(plans: list[Plan]) -> dict | None:
+    import json
+
+    ws = plans[0].workspace
+    if not plans[0].resolved.spec.tracking.enabled or not all(ws.is_cached(s.key) for p in plans for s in p.steps):
+        return None
+    marker = ws.root / "logged" / f"{_logged_digest(plans)}.json"
+    try:
+        logged = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    stamp = _store_stamp(tracking_target(plans[0])[0])
+    return logged if stamp is not None and logged.get("store_mtime") == stamp else None
+
+
+def _remember_logged(plans: list[Plan], result: RunResult) -> None:
+    uri, _ = tracking_target(plans[0])
+    stamp = _store_stamp(uri)
+    if stamp is None:
+        return
+    folder = plans[0].workspace.root / "logged"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / f"{_logged_digest(plans)}.json",
+                      {"run_id": result.run_id, "points": [p.run_id for p in result.points],
+                       "location": result.tracking_location, "store_mtime": stamp})
 
 
 @dataclass

@@ -244,10 +244,10 @@ class LoadedSpec:
 
 def point_labels(points: list[dict]) -> list[str]:
     """Run names of sweep points: "method=zipfit,budget=200". Zip sweeps often set one value in
-    several places (said once) and pair a method with its params: lists and mappings are left
-    out when the plain values alone still tell every point apart."""
+    several places (said once) and pair a method with its params or an optional setting: lists,
+    mappings and nulls are left out when the plain values alone still tell every point apart."""
     def label(point: dict, plain_only: bool) -> str:
-        items = [(k, v) for k, v in point.items() if not (plain_only and isinstance(v, (dict, list)))]
+        items = [(k, v) for k, v in point.items() if not (plain_only and (v is None or isinstance(v, (dict, list))))]
         return ",".join(dict.fromkeys(f"{str(k).split('.')[-1]}={v}" for k, v in items))
 
     short = [label(p, plain_only=True) for p in points]

@@ -160,6 +160,8 @@ def test_sweep_labels_leave_out_paired_params_when_the_method_names_the_point():
 
     zipped = [{"s.method": "zipfit", "s.params": {"level": 9}}, {"s.method": "less", "s.params": {"epochs": 1}}]
     assert point_labels(zipped) == ["method=zipfit", "method=less"]
+    with_model = [{"s.method": "zipfit", "s.model": None}, {"s.method": "less", "s.model": "smol"}]
+    assert point_labels(with_model) == ["method=zipfit", "method=less,model=smol"]
     # a grid over params with one method: the params are what tell the points apart
     grid = [{"s.method": "zipfit", "s.params": {"level": 9}}, {"s.method": "zipfit", "s.params": {"level": 1}}]
     assert point_labels(grid) == ["method=zipfit,params={'level': 9}", "method=zipfit,params={'level': 1}"]

@@ -89,3 +89,24 @@ def test_a_run_left_running_by_a_killed_process_is_closed_by_the_next_run(write_
     assert client.get_run(other).info.status == "RUNNING"  # another workspace's run is not ours to close
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == [other]
+
+
+def test_an_unchanged_rerun_adds_no_mlflow_runs_until_the_store_changes(write_spec):
+    from mlflow import MlflowClient
+
+    path = write_spec(SWEEP)
+    first = datamill.run(path)
+    again = datamill.run(path)
+    assert again.executed == [] and again.logged_before
+    assert again.run_id == first.run_id and [p.run_id for p in again.points] == [p.run_id for p in first.points]
+    client = MlflowClient(tracking_uri=first.tracking_location)
+    experiment = client.get_experiment_by_name("swept").experiment_id
+    assert len(client.search_runs([experiment])) == 5  # one parent, four children: no copies
+    # the store changed since (a run deleted in the UI, say): the results are logged again
+    client.delete_run(first.points[0].run_id)
+    third = datamill.run(path)
+    assert not third.logged_before and third.run_id != first.run_id
+    assert len(client.search_runs([experiment])) == 4 + 5
+    # a changed spec is a new plan: it runs and logs as always
+    changed = datamill.run(path, ["steps.clean.dedup.exact=false"])
+    assert changed.executed and not changed.logged_before
