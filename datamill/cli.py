@@ -98,12 +98,20 @@ def _print_comparison(console, result) -> None:
     compared = comparison(result)
     if not compared.columns:
         return
-    table = Table(title=f"{len(result.points)} sweep points", title_justify="left")
-    table.add_column("point", overflow="fold")
+    # every point labelled "method=...,": the column is "method" and the cells its values
+    labels = [p.label for p in result.points]
+    first = {label.split("=", 1)[0] for label in labels}
+    key = first.pop() if len(first) == 1 and all("=" in label for label in labels) else None
+    table = Table(title=f"{len(result.points)} sweep points", title_justify="left",
+                  caption="* the same in every point" if compared.references else None, caption_justify="left")
+    table.add_column(key or "point", no_wrap=True)
     for header in _short_names(compared.columns):
         table.add_column(header, justify="right", overflow="fold")
     for label, row in zip(compared.rows, compared.values):
-        name = f"{label} [dim](same in every point)[/dim]" if label in compared.references else label
+        if label in compared.references:
+            name = f"{label}*"
+        else:
+            name = label.split("=", 1)[1] if key else label
         table.add_row(name, *("" if v is None else f"{v:.4g}" for v in row))
     console.print(table)
 

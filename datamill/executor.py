@@ -199,7 +199,7 @@ def comparison(result: RunResult) -> Comparison:
               and len({steps[name][0] for steps in measured}) == 1]
     varying = [name for name in names if name not in shared]
     rows = [(point.label or point.run_id,
-             {f"{name}.{m}": v for name in varying if name in steps for m, v in steps[name][1].items()})
+             {f"{name}.{m}": v for name in varying if name in steps for m, v in sorted(steps[name][1].items())})
             for point, steps in zip(result.points, measured)]
     columns = list(dict.fromkeys(c for _, values in rows for c in values))
     references = set()

@@ -174,7 +174,9 @@ def test_reduced_quickstart_end_to_end(reference):
     assert table and "sweep points" in table[0], "\n".join(lines[last_step:])
     labelled = [line.split("│")[1].split()[0] for line in table if line.startswith("│")]  # body rows' first cell
     by_method = labels_by_method(spec, overrides)
-    assert labelled[-len(METHODS) - 1:] == [*by_method.values(), "base"], table
+    # every label starts "method=": the table's first column is "method", its cells the rest
+    shown = [label.removeprefix("method=") for label in by_method.values()]
+    assert labelled[-len(METHODS) - 1:] == [*shown, "base*"], table
     assert any("score." in line for line in table), table  # the eval metrics are its columns
 
     # --- MLflow: a sweep parent, a child per method, all finished

@@ -54,6 +54,7 @@ def browse_sweep(uri: str, artifacts: Path, experiment: str, *, out_dir: Path, c
     parent = next(r for r in runs if r.data.tags.get("datamill.role") == "sweep")
     kids = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
                   key=lambda r: r.info.start_time)
+    assert len(kids) == children, [k.info.run_name for k in kids]
     child = kids[0]
     metric = next(m for m in sorted(child.data.metrics) if m.endswith(".loss"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,12 @@ def browse_sweep(uri: str, artifacts: Path, experiment: str, *, out_dir: Path, c
             page.goto(f"{url}/#/experiments/{experiment_id}/runs")
             page.get_by_text(parent.info.run_name).first.wait_for(timeout=60_000)
             page.get_by_text(f"{children + 1} matching runs").first.wait_for(timeout=30_000)  # children nest under it
+            close = page.get_by_role("button", name="Close")  # MLflow 3's assistant panel: not ours, hide it
+            if close.count():
+                close.first.click()
+            page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()  # unfold the parent
+            for kid in kids:
+                page.get_by_text(kid.info.run_name, exact=True).first.wait_for(timeout=30_000)
             page.screenshot(path=str(shots["experiment"]))
 
             page.goto(f"{url}/#/experiments/{experiment_id}/runs/{child.info.run_id}")
