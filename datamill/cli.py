@@ -71,10 +71,14 @@ def plan(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt) -> None:
 
 
 @app.command()
-def run(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt) -> None:
+def run(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt,
+        executor: Optional[str] = typer.Option(None, "--executor", help="local or ray: where shardable steps run "
+                                               "(same as --set executor.kind=...).")) -> None:
     """Run a spec (every sweep point); steps already in the workspace are reused."""
     from datamill.api import run as run_spec
 
+    if executor:
+        set_ = [*(set_ or []), f"executor.kind={executor}"]
     result = run_spec(spec, set_, quiet=progress.is_quiet())
     console = progress.console()
     if len(result.points) > 1:

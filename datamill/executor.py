@@ -19,6 +19,7 @@ from datamill.errors import DatamillError, StepFailed
 from datamill.hashing import hash_file
 from datamill.plan import Plan, PlannedStep
 from datamill.secrets import redact_config, scrub
+from datamill.shards import make_shards
 from datamill.step import StepContext, write_json_atomic
 from datamill.tracker import NullTracker, StepRecord, TableRecord
 from datamill.workspace import Workspace, model_cache_dir
@@ -273,6 +274,7 @@ def _run_step(plan: Plan, ps: PlannedStep, tracker, run_id: str) -> StepRecord:
         tracker_log=lambda metrics, step=None: tracker.log_metrics(run_id, metrics, step),
         tracker_table=lambda name, columns: tracker.log_table(run_id, name, columns),
         tracker_artifact=lambda path, artifact_path=None: tracker.log_artifact(run_id, path, artifact_path),
+        shards=make_shards(plan.resolved.spec.executor),
     )
     start = time.monotonic()
     try:

@@ -43,6 +43,23 @@ class TrackingConfig(Strict):
     """MLflow experiment name. Default: the spec name."""
 
 
+class ExecutorConfig(Strict):
+    """Where shardable steps run their shards (generation requests, scoring slices). Not part of
+    any step's key: the same spec gives the same tables on either."""
+
+    kind: Literal["local", "ray"] = "local"
+    """`local`: in this process. `ray`: each shard a Ray task (needs `pip install 'datamill[ray]'`)."""
+    address: Optional[str] = None
+    """Ray cluster: none starts a local instance (or uses one already started in this process);
+    `auto` joins the running cluster; `ray://host:10001` a remote one."""
+    num_cpus: float = Field(1, gt=0)
+    """CPUs each shard's task asks Ray for."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs each shard's task asks Ray for."""
+    max_retries: int = Field(3, ge=0)
+    """Times Ray re-runs a shard whose worker died."""
+
+
 def _step_entry_model():
     """A model with one optional field per registered step kind; exactly one must be set."""
     kinds = registry.step_kinds()
@@ -127,6 +144,8 @@ def _spec_model(kinds: tuple[str, ...]) -> type[BaseModel]:
         """Steps by name; each names its kind (sql, polars, dedup, ...) and reads earlier tables by name."""
         tracking: TrackingConfig = TrackingConfig()
         """MLflow settings."""
+        executor: ExecutorConfig = ExecutorConfig()
+        """Where shardable steps run: local (default) or a Ray cluster."""
         sweep: Optional[dict[str, Any]] = None
         """Dotted field paths -> lists of values: one run per combination (grid), or paired with `mode: zip`."""
 
@@ -239,6 +258,13 @@ class LoadedSpec:
         env = Env(base_dir=self.path.parent.resolve())
         resolved = ResolvedSpec(spec=spec, raw=data, path=self.path, env=env, point=point, label=label)
         check_references(resolved, self.doc, overrides)
+        if spec.executor.kind == "ray":
+            import importlib.util
+
+            from datamill.shards import RAY_EXTRA
+
+            if importlib.util.find_spec("ray") is None:
+                raise SpecError(f"{self.doc.where(('executor', 'kind'))}: {RAY_EXTRA}")
         return resolved
 
 

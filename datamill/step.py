@@ -135,6 +135,13 @@ class StepContext:
     tracker_table: Any = None  # callable(name: str, columns: dict[str, list])
     tracker_artifact: Any = None  # callable(path: Path, artifact_path: str | None)
     stats: dict = field(default_factory=dict)  # counts etc.; saved in meta.json and logged
+    shards: Any = None  # datamill.shards runner of the spec's executor (LocalShards when None)
+
+    def __post_init__(self):
+        if self.shards is None:
+            from datamill.shards import LocalShards
+
+            self.shards = LocalShards()
 
     # --- inputs ---
     def read(self, table: str):

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
 def zipfit(candidates: list[str], targets: list[str], *, level: int = 9, mode: str = "exact",
-           workers: int | None = None, progress=None) -> np.ndarray:
-    """ZIP-FIT: gzip-based alignment with the targets (selection/zipfit.py); `mode`: exact | fast."""
+           workers: int | None = None, progress=None, shards=None) -> np.ndarray:
+    """ZIP-FIT: gzip-based alignment with the targets (selection/zipfit.py); `mode`: exact | fast.
+    On a Ray executor the candidates are scored in slices, one Ray task each (a candidate's
+    score does not depend on the others, so the scores are the same)."""
     from selection.zipfit import zipfit_scores
 
-    return zipfit_scores(candidates, targets, level=level, mode=mode, workers=workers, progress=progress)
+    if shards is None or shards.kind == "local":
+        return zipfit_scores(candidates, targets, level=level, mode=mode, workers=workers, progress=progress)
+    size = max(256, -(-len(candidates) // (4 * shards.workers)))  # ~4 slices per worker: stragglers even out
+    slices = [candidates[i:i + size] for i in range(0, len(candidates), size)]
+    scored = shards.map(functools.partial(_zipfit_slice, targets=targets, level=level, mode=mode), slices)
+    if progress:
+        progress(len(candidates))
+    return np.concatenate(scored) if scored else np.zeros(0)
+
+
+def _zipfit_slice(candidates: list[str], *, targets: list[str], level: int, mode: str) -> np.ndarray:
+    from selection.zipfit import zipfit_scores
+
+    return zipfit_scores(candidates, targets, level=level, mode=mode, workers=1)
 
 
 def random_scores(candidates: list[str], targets: list[str], *, seed: int = 0) -> np.ndarray:

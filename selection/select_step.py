@@ -143,11 +143,13 @@ class SelectStep(Step):
         with progress.bar(f"{ctx.name}: {cfg.method}", total=n, unit="rows") as bar:
             context = {"rows": rows, "target_rows": target_rows, "seed": cfg.seed,
                        "model_dir": Path(ctx.model_path(cfg.model)) if cfg.model else None,
-                       "work_dir": work_dir, "cache_dir": Path(ctx.shared_dir) / "select", "progress": bar.advance}
+                       "work_dir": work_dir, "cache_dir": Path(ctx.shared_dir) / "select", "progress": bar.advance,
+                       "shards": ctx.shards}
             method = (load_function(cfg.method, ctx.env.base_dir) if is_reference(cfg.method)
                       else selector(cfg.method))
             scores = np.asarray(call(method, texts, targets, dict(cfg.params), context), dtype=np.float64)
         scored = time.monotonic()
+        ctx.stats.update(ctx.shards.summary())
         if scores.shape != (n,):
             raise DatamillError(f"method '{cfg.method}' returned {scores.shape} scores for {n} candidates")
         if not np.isfinite(scores).all():

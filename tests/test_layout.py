@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["datagen", "selection", "train", "evals", "tracking"]
-HEAVY = ["torch", "transformers", "mlflow", "polars", "accelerate", "peft", "lm_eval", "datasets"]
+HEAVY = ["torch", "transformers", "mlflow", "polars", "accelerate", "peft", "lm_eval", "datasets", "ray"]
 
 
 def imported_modules(py: Path) -> set[str]:

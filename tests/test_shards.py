@@ -1,0 +1,119 @@
+"""Executors for shardable steps: the same tables whichever ran them; a clear error without Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import datamill
+from datamill.errors import SpecError
+from datamill.shards import LocalShards
+
+SPEC = """\
+name: sharded
+sources:
+  pool: {generator: tasks, families: [arithmetic, capitals, sort, code], n: 300, seed: 0}
+  target: {generator: tasks, families: [capitals], n: 20, seed: 1}
+steps:
+  pick:
+    select: {input: pool, target: target, method: zipfit, budget: 30}
+tracking: {enabled: false}
+"""
+
+
+class SlicingShards(LocalShards):
+    """Runs shards here, but says it is not local: the methods slice their work as on Ray."""
+
+    kind = "test-slices"
+    workers = 3
+
+
+def test_zipfit_in_slices_gives_the_scores_of_one_pass():
+    from selection.builtin import zipfit
+
+    candidates = [f"what is {i} plus {i * 7}? the answer is {i * 8}." * (1 + i % 3) for i in range(1100)]
+    targets = ["what is 2 plus 2? 4", "add 10 and 5: 15", "the capital of France is Paris"]
+    shards = SlicingShards()
+    sliced = zipfit(candidates, targets, shards=shards)
+    np.testing.assert_array_equal(sliced, zipfit(candidates, targets))
+    assert len(shards.seconds) == 5  # 1100 candidates, slices of max(256, 1100 / 12)
+    summary = shards.summary()
+    assert summary["shards"] == 5 and summary["shard_seconds"]["total"] >= summary["shard_seconds"]["max"]
+
+
+def test_the_select_step_reports_its_executor_and_shards(write_spec):
+    result = datamill.run(write_spec(SPEC))
+    stats = result.points[0].steps["pick"].stats
+    assert stats["executor"] == "local"
+
+
+def test_executor_ray_without_ray_names_the_extra(write_spec, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    spec = write_spec(SPEC + "executor: {kind: ray}\n")
+    with pytest.raises(SpecError) as err:
+        datamill.plans(spec)
+    message = str(err.value)
+    assert "pip install 'datamill[ray]'" in message and f"{spec.name}:" in message  # file:line:col of the field
+
+
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_the_same_spec_on_ray_writes_byte_identical_tables(write_spec, ray_cluster):
+    local = datamill.run(write_spec(SPEC))
+    on_ray = datamill.run(write_spec(SPEC.replace("name: sharded", "name: sharded_ray") + "executor: {kind: ray}\n"))
+    stats = on_ray.points[0].steps["pick"].stats
+    assert stats["executor"] == "ray" and stats["shards"] >= 2
+    assert local.points[0].plan.by_name("pick").key == on_ray.points[0].plan.by_name("pick").key
+    for side in ("main", "scores"):
+        a = local.workspace.table_path(local.points[0].plan.by_name("pick").key, side).read_bytes()
+        b = on_ray.workspace.table_path(on_ray.points[0].plan.by_name("pick").key, side).read_bytes()
+        assert a == b, side
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_shard_is_retried_by_ray(tmp_path, ray_cluster):
+    from datamill.shards import RayShards
+
+    def _dies_on_first_attempt(shard):  # defined here: Ray ships it by value (workers cannot import tests/)
+        marker = Path(shard["marker"])
+        if not marker.exists():
+            marker.write_text("died once")
+            os._exit(1)  # the worker process dies mid-shard
+        return shard["value"] * 2
+
+    shards = RayShards(max_retries=2)
+    out = shards.map(_dies_on_first_attempt, [{"marker": str(tmp_path / f"m{i}"), "value": i} for i in range(4)])
+    assert out == [0, 2, 4, 6]
+    assert all((tmp_path / f"m{i}").exists() for i in range(4))
+
+
+def test_cli_executor_flag_is_the_spec_field(write_spec, monkeypatch):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from datamill.cli import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    # (datamill.cli.main turns a SpecError into its message and exit code 2)
+    out = CliRunner().invoke(app, ["run", str(write_spec(SPEC)), "--executor", "ray"])
+    assert isinstance(out.exception, SpecError) and "datamill[ray]" in str(out.exception)
+    out = CliRunner().invoke(app, ["run", str(write_spec(SPEC)), "--executor", "cluster"])
+    assert isinstance(out.exception, SpecError) and "'local' or 'ray'" in str(out.exception)
+    assert out.exception.exit_code == 2
