@@ -16,12 +16,19 @@ def zipfit(candidates: list[str], targets: list[str], *, level: int = 9, mode: s
 
     if shards is None or shards.kind == "local":
         return zipfit_scores(candidates, targets, level=level, mode=mode, workers=workers, progress=progress)
-    size = max(256, -(-len(candidates) // (4 * shards.workers)))  # ~4 slices per worker: stragglers even out
-    slices = [candidates[i:i + size] for i in range(0, len(candidates), size)]
-    scored = shards.map(functools.partial(_zipfit_slice, targets=targets, level=level, mode=mode), slices)
+    return _sliced(shards, functools.partial(_zipfit_slice, targets=targets, level=level, mode=mode),
+                   candidates, progress=progress)
+
+
+def _sliced(shards, fn, items: list, *, align: int = 1, progress=None) -> np.ndarray:
+    """`fn` over slices of `items` as the executor's shards (about four per worker, so that
+    stragglers even out; a multiple of `align` long), the results concatenated in order."""
+    size = max(256, -(-len(items) // (4 * shards.workers)))
+    size = -(-size // align) * align
+    results = shards.map(fn, [items[i:i + size] for i in range(0, len(items), size)])
     if progress:
-        progress(len(candidates))
-    return np.concatenate(scored) if scored else np.zeros(0)
+        progress(len(items))
+    return np.concatenate(results) if results else np.zeros(0)
 
 
 def _zipfit_slice(candidates: list[str], *, targets: list[str], level: int, mode: str) -> np.ndarray:
@@ -52,14 +59,20 @@ def dsir(candidates: list[str], targets: list[str], *, work_dir, seed: int = 0, 
 
 
 def density(candidates: list[str], targets: list[str], *, model_dir=None, bandwidth="median", batch_size: int = 64,
-            progress=None) -> np.ndarray:
+            progress=None, shards=None) -> np.ndarray:
     """Log density of each candidate under a Gaussian KDE of the targets' embeddings
-    (selection/density.py); the step's `model` (if set) embeds instead of all-MiniLM-L6-v2."""
+    (selection/density.py); the step's `model` (if set) embeds instead of all-MiniLM-L6-v2.
+    On a Ray executor the candidates are embedded in slices of whole batches, one Ray task each
+    (the same batches as in one pass, so the same embeddings)."""
     from selection.density import embed, log_density_of, minilm_folder
 
     folder = model_dir or minilm_folder()
-    return log_density_of(embed(candidates, folder, batch_size=batch_size, progress=progress),
-                          embed(targets, folder, batch_size=batch_size), bandwidth)
+    if shards is None or shards.kind == "local":
+        embedded = embed(candidates, folder, batch_size=batch_size, progress=progress)
+    else:
+        embedded = _sliced(shards, functools.partial(embed, folder=folder, batch_size=batch_size), candidates,
+                           align=batch_size, progress=progress)
+    return log_density_of(embedded, embed(targets, folder, batch_size=batch_size), bandwidth)
 
 
 def less(candidates: list[str], targets: list[str], **context_and_params) -> np.ndarray:

@@ -44,6 +44,15 @@ def test_zipfit_in_slices_gives_the_scores_of_one_pass():
     assert summary["shards"] == 5 and summary["shard_seconds"]["total"] >= summary["shard_seconds"]["max"]
 
 
+def test_density_in_slices_gives_the_scores_of_one_pass():
+    from selection.builtin import density
+
+    candidates = [f"row {i}: the capital of country {i % 17} is city {i % 5}" for i in range(300)]
+    targets = ["What is the capital of France? Paris", "Capital of Peru: Lima"]
+    sliced = density(candidates, targets, batch_size=16, shards=SlicingShards())
+    np.testing.assert_array_equal(sliced, density(candidates, targets, batch_size=16))
+
+
 def test_the_select_step_reports_its_executor_and_shards(write_spec):
     result = datamill.run(write_spec(SPEC))
     stats = result.points[0].steps["pick"].stats
@@ -73,9 +82,11 @@ def ray_cluster():
 
 
 @pytest.mark.slow
-def test_the_same_spec_on_ray_writes_byte_identical_tables(write_spec, ray_cluster):
-    local = datamill.run(write_spec(SPEC))
-    on_ray = datamill.run(write_spec(SPEC.replace("name: sharded", "name: sharded_ray") + "executor: {kind: ray}\n"))
+@pytest.mark.parametrize("method", ["zipfit", "density"])
+def test_the_same_spec_on_ray_writes_byte_identical_tables(write_spec, ray_cluster, method):
+    spec = SPEC.replace("method: zipfit", f"method: {method}")
+    local = datamill.run(write_spec(spec))
+    on_ray = datamill.run(write_spec(spec.replace("name: sharded", "name: sharded_ray") + "executor: {kind: ray}\n"))
     stats = on_ray.points[0].steps["pick"].stats
     assert stats["executor"] == "ray" and stats["shards"] >= 2
     assert local.points[0].plan.by_name("pick").key == on_ray.points[0].plan.by_name("pick").key
