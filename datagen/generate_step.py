@@ -20,6 +20,7 @@ so a resumed run writes the same table as a clean one.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +30,7 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator
 
 from datagen import prompt_library
-from datagen.backends.base import BackendStats, GenRequest
+from datagen.backends.base import BackendStats, GenRequest, GenResult
 from datamill.errors import DatamillError, FieldError
 from datamill.hashing import canonical_json, hash_obj
 from datamill.secrets import scrub
@@ -151,6 +152,23 @@ def cache_folder_name(label: str, identity: str) -> str:
     return f"{safe[:60]}-{hash_obj(identity, 8)}"
 
 
+def make_backend(cfg: GenerateConfig, model_dir: Path | None, step_name: str):
+    from datagen.backends import backend_class
+
+    cls = backend_class(cfg.backend)
+    if cfg.backend == "openai":
+        return cls(cfg.openai, cfg.model)
+    return cls(model_dir, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device,
+               progress_desc=f"{step_name}: generate")
+
+
+def generate_shard(requests: list[GenRequest], *, make_backend) -> list:
+    """One shard of requests on an executor's worker: its own backend, the results returned."""
+    results = []
+    make_backend().generate(requests, results.append)
+    return results
+
+
 class GenerateStep(Step):
     """Generate instruction data with an LLM from generator prompts (GenQA)."""
 
@@ -213,7 +231,6 @@ class GenerateStep(Step):
         stats = BackendStats()
         started = time.monotonic()
         if todo:
-            backend = self._backend(model_dir, ctx.name)
             every = max(1, len(todo) // PROGRESS_POINTS)
             progress = {"done": 0, "tokens_out": 0}
 
@@ -235,16 +252,34 @@ class GenerateStep(Step):
                                     step=progress["done"])
 
             try:
-                backend.generate(todo, on_result)
+                if ctx.shards.kind == "local":
+                    backend = self._backend(model_dir, ctx.name)
+                    backend.generate(todo, on_result)
+                    stats = backend.stats
+                else:  # request shards as executor tasks; this process alone writes the request cache
+                    size = max(1, -(-len(todo) // (4 * ctx.shards.workers)))
+                    pieces = [todo[i:i + size] for i in range(0, len(todo), size)]
+                    make = functools.partial(make_backend, cfg, model_dir, ctx.name)
+                    stats = BackendStats()
+
+                    def save_shard(_, shard_results: list[GenResult]) -> None:
+                        for r in shard_results:
+                            stats.count(r)
+                            stats.retried += r.attempts - 1
+                            stats.failed += r.text is None
+                            on_result(r)
+
+                    ctx.shards.map(functools.partial(generate_shard, make_backend=make), pieces, on_done=save_shard)
+                    stats.seconds = time.monotonic() - started
             finally:
                 store.close()
-            stats = backend.stats
         seconds = time.monotonic() - started
 
         rows, rejected = self._tables(ctx, planned, results)
         ctx.write(rows)
         ctx.reject(rejected)
         self._report(ctx, planned, todo, resent_failed, stats, seconds, rows, rejected, store.torn_lines)
+        ctx.stats.update(ctx.shards.summary())
         self._check_failures(rejected, len(planned))
 
     def _check_failures(self, rejected, total: int) -> None:
@@ -256,14 +291,7 @@ class GenerateStep(Step):
                 "raise max_failed_fraction: they then go to the rejected table)")
 
     def _backend(self, model_dir: Path | None, step_name: str):
-        from datagen.backends import backend_class
-
-        cfg = self.config
-        cls = backend_class(cfg.backend)
-        if cfg.backend == "openai":
-            return cls(cfg.openai, cfg.model)
-        return cls(model_dir, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device,
-                   progress_desc=f"{step_name}: generate")
+        return make_backend(self.config, model_dir, step_name)
 
     def _tables(self, ctx, planned: list[PlannedRequest], results: dict[str, dict]):
         import polars as pl

@@ -32,12 +32,16 @@ class LocalShards:
     def __init__(self) -> None:
         self.seconds: list[float] = []
 
-    def map(self, fn: Callable, shards: list) -> list:
+    def map(self, fn: Callable, shards: list, on_done: Callable[[int, Any], None] | None = None) -> list:
+        """fn(shard) for every shard; results in shard order. `on_done(i, result)` runs here, in
+        the calling process, as each shard finishes (e.g. to save its results at once)."""
         results = []
-        for shard in shards:
+        for i, shard in enumerate(shards):
             result, seconds = _timed(fn, shard)
             results.append(result)
             self.seconds.append(seconds)
+            if on_done:
+                on_done(i, result)
         return results
 
     def summary(self) -> dict:
@@ -63,14 +67,20 @@ class RayShards(LocalShards):
         self.ray, self.num_cpus, self.num_gpus, self.max_retries = ray, num_cpus, num_gpus, max_retries
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1) // max(num_cpus, 1e-9)))
 
-    def map(self, fn: Callable, shards: list) -> list:
+    def map(self, fn: Callable, shards: list, on_done: Callable[[int, Any], None] | None = None) -> list:
         task = self.ray.remote(_timed).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
                                                max_retries=self.max_retries)
         refs = [task.remote(fn, shard) for shard in shards]
-        results = []
-        for result, seconds in self.ray.get(refs):  # in shard order
-            results.append(result)
+        index = {ref: i for i, ref in enumerate(refs)}
+        results: list = [None] * len(refs)
+        pending = list(refs)
+        while pending:  # as they finish, so that on_done can save each shard's results at once
+            ready, pending = self.ray.wait(pending, num_returns=1)
+            i = index[ready[0]]
+            results[i], seconds = self.ray.get(ready[0])
             self.seconds.append(seconds)
+            if on_done:
+                on_done(i, results[i])
         return results
 
 

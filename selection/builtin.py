@@ -82,6 +82,7 @@ def less(candidates: list[str], targets: list[str], **context_and_params) -> np.
     from selection.less_method import run_less
 
     context_and_params.pop("work_dir", None)  # LESS keeps its datastore in cache_dir
+    context_and_params.pop("shards", None)  # not sharded yet: runs in this process
     return run_less(candidates, targets, **context_and_params)
 
 

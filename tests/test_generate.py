@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -506,3 +507,25 @@ def test_validate_and_plan_import_nothing_heavy(spec_dir):
             "print([m for m in ('torch', 'transformers', 'polars', 'mlflow', 'aiohttp', 'openai') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_requests_in_executor_shards_write_the_table_of_one_pass(spec_dir, fake, tmp_path_factory, monkeypatch):
+    import polars as pl
+
+    from datamill import executor
+    from datamill.shards import LocalShards
+
+    class Slicing(LocalShards):  # runs here, but the step cuts its requests into shards as on Ray
+        kind, workers = "test-slices", 2
+
+    plain = run(write(spec_dir, 40))
+    other = tmp_path_factory.mktemp("sharded")
+    shutil.copytree(spec_dir / "model", other / "model")
+    monkeypatch.setattr(executor, "make_shards", lambda config: Slicing())
+    sharded = run(write(other, 40))
+    stats = sharded.points[0].steps["genqa"].stats
+    assert stats["executor"] == "test-slices" and stats["shards"] == 8  # 40 requests, 4 shards per worker
+    for table in ("genqa", "genqa__rejected"):
+        assert pl.read_parquet(sharded.tables[table]).equals(pl.read_parquet(plain.tables[table])), table
+    # the request cache got every result once: a re-run with a larger n sends only the new ones
+    assert len(shard_lines(other / ".datamill" / "gen")) == 40

@@ -128,3 +128,26 @@ def test_cli_executor_flag_is_the_spec_field(write_spec, monkeypatch):
     out = CliRunner().invoke(app, ["run", str(write_spec(SPEC)), "--executor", "cluster"])
     assert isinstance(out.exception, SpecError) and "'local' or 'ray'" in str(out.exception)
     assert out.exception.exit_code == 2
+
+
+@pytest.mark.slow
+def test_generation_requests_on_ray_write_the_tables_of_a_local_run(write_spec, ray_cluster):
+    import polars as pl
+
+    from fake_openai_server import FakeServer
+
+    with FakeServer() as server:
+        spec = f"""\
+name: gen_local
+tracking: {{enabled: false}}
+steps:
+  genqa:
+    generate: {{model: fake-model, backend: openai, openai: {{base_url: "{server.base_url}"}},
+               prompts: [general, math], n: 24, temperature: 0.7}}
+"""
+        local = datamill.run(write_spec(spec))
+        on_ray = datamill.run(write_spec(spec.replace("gen_local", "gen_ray") + "executor: {kind: ray}\n"))
+    stats = on_ray.points[0].steps["genqa"].stats
+    assert stats["executor"] == "ray" and stats["shards"] >= 2
+    for table in ("genqa", "genqa__rejected"):
+        assert pl.read_parquet(on_ray.tables[table]).equals(pl.read_parquet(local.tables[table])), table
