@@ -257,8 +257,6 @@ class GenerateStep(Step):
                     backend.generate(todo, on_result)
                     stats = backend.stats
                 else:  # request shards as executor tasks; this process alone writes the request cache
-                    size = max(1, -(-len(todo) // (4 * ctx.shards.workers)))
-                    pieces = [todo[i:i + size] for i in range(0, len(todo), size)]
                     make = functools.partial(make_backend, cfg, model_dir, ctx.name)
                     stats = BackendStats()
 
@@ -269,7 +267,8 @@ class GenerateStep(Step):
                             stats.failed += r.text is None
                             on_result(r)
 
-                    ctx.shards.map(functools.partial(generate_shard, make_backend=make), pieces, on_done=save_shard)
+                    ctx.shards.map(functools.partial(generate_shard, make_backend=make), ctx.shards.slices(todo),
+                                   on_done=save_shard)
                     stats.seconds = time.monotonic() - started
             finally:
                 store.close()

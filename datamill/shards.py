@@ -44,6 +44,13 @@ class LocalShards:
                 on_done(i, result)
         return results
 
+    def slices(self, items: list, *, minimum: int = 1, align: int = 1) -> list[list]:
+        """`items` cut into consecutive slices, about four per worker (stragglers even out), each
+        at least `minimum` long and a multiple of `align` (e.g. whole batches), in order."""
+        size = max(minimum, -(-len(items) // (4 * self.workers)))
+        size = -(-size // align) * align
+        return [items[i:i + size] for i in range(0, len(items), size)]
+
     def summary(self) -> dict:
         """For the step's stats (and so MLflow): the executor, shards run, their timing."""
         if not self.seconds:
@@ -60,12 +67,23 @@ class RayShards(LocalShards):
 
     def __init__(self, address: str | None = None, num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 3):
         super().__init__()
-        ray = import_ray()
-        if not ray.is_initialized():
-            # None: a local Ray instance on this machine; "auto" or ray://host:port: a running cluster
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-        self.ray, self.num_cpus, self.num_gpus, self.max_retries = ray, num_cpus, num_gpus, max_retries
-        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1) // max(num_cpus, 1e-9)))
+        self.address, self.num_cpus, self.num_gpus, self.max_retries = address, num_cpus, num_gpus, max_retries
+        self._ray = None
+
+    @property
+    def ray(self):
+        """Ray, started (or joined) when a step first shards work: steps that do not never wait for it."""
+        if self._ray is None:
+            ray = import_ray()
+            if not ray.is_initialized():
+                # None: a local Ray instance on this machine; "auto" or ray://host:port: a running cluster
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            self._ray = ray
+        return self._ray
+
+    @property
+    def workers(self) -> int:
+        return max(1, int(self.ray.cluster_resources().get("CPU", 1) // self.num_cpus))
 
     def map(self, fn: Callable, shards: list, on_done: Callable[[int, Any], None] | None = None) -> list:
         task = self.ray.remote(_timed).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,

@@ -21,11 +21,9 @@ def zipfit(candidates: list[str], targets: list[str], *, level: int = 9, mode: s
 
 
 def _sliced(shards, fn, items: list, *, align: int = 1, progress=None) -> np.ndarray:
-    """`fn` over slices of `items` as the executor's shards (about four per worker, so that
-    stragglers even out; a multiple of `align` long), the results concatenated in order."""
-    size = max(256, -(-len(items) // (4 * shards.workers)))
-    size = -(-size // align) * align
-    results = shards.map(fn, [items[i:i + size] for i in range(0, len(items), size)])
+    """`fn` over slices of `items` (at least 256: a task must be worth its scheduling) as the
+    executor's shards, the results concatenated in order."""
+    results = shards.map(fn, shards.slices(items, minimum=256, align=align))
     if progress:
         progress(len(items))
     return np.concatenate(results) if results else np.zeros(0)
