@@ -550,3 +550,62 @@ def test_a_learning_rate_sweep_tokenises_once(write_spec, cached_models):
     assert all(p.steps["sft"].stats["packing"] is False for p in result.points)
     cache = result.workspace.root / "shared" / "train-tokens"
     assert len([t for t in cache.glob("*.parquet") if not t.name.endswith(".rejected.parquet")]) == 1
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+LAUNCH_SETTINGS = "      max_steps: 3\n      lora: {r: 4, dropout: 0.0}\n      packing: off\n      lr: 0.01\n"
+
+
+def test_launch_runs_the_step_in_two_processes_with_the_weights_of_one(write_spec, cached_models):
+    """`launch: {num_processes: 2}` runs `accelerate launch` (2 CPU processes, gloo) x 2 micro-batches
+    per step: the weights of one process x 4, the per-step log in the table and in MLflow."""
+    from mlflow import MlflowClient
+
+    spec = train_spec(write_spec, LAUNCH_SETTINGS + "      grad_accum: 2\n      launch: {num_processes: 2}\n", n=40)
+    spec.write_text(spec.read_text().replace("tracking: {enabled: false}\n", ""))
+    launched = run(spec)
+    one = run(train_spec(write_spec, LAUNCH_SETTINGS + "      grad_accum: 4\n", n=40))
+    record = launched.points[-1].steps["sft"]
+    assert record.stats["processes"] == 2 and record.stats["launcher"] == "accelerate"
+    assert launched.table("sft__log")["step"].to_list() == [1, 2, 3]
+    a, b = _final_weights(record.model_dir), _final_weights(one.points[-1].steps["sft"].model_dir)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    client = MlflowClient(tracking_uri=launched.tracking_location)
+    assert len(client.get_metric_history(launched.run_id, "sft.loss")) == 3
+    assert (record.model_dir.parent / "loss_curve.png").is_file()
+
+
+def test_launch_errors_name_the_field_or_show_the_processes_output(write_spec, cached_models):
+    from datamill.errors import StepFailed
+
+    spec = train_spec(write_spec, "      launch: {num_processes: 2, config_file: nowhere.yaml}\n", n=10)
+    with pytest.raises(SpecError, match=r"launch\.config_file.*not found"):
+        run(spec)
+    # a bad Accelerate config: the processes fail and the error carries their last lines
+    spec.parent.joinpath("bad.yaml").write_text("distributed_type: NOT_A_TYPE\n")
+    spec = train_spec(write_spec, "      max_steps: 1\n      launch: {num_processes: 2, config_file: bad.yaml}\n",
+                      n=10)
+    with pytest.raises(StepFailed, match=r"(?s)accelerate launch.*failed.*NOT_A_TYPE"):
+        run(spec)
+
+
+@pytest.mark.slow
+def test_launch_on_a_ray_executor_trains_as_ray_train_workers(write_spec, cached_models):
+    """executor: ray runs `launch` as Ray Train workers (TorchTrainer; gloo on the CPU): the same
+    weights as one process with the same global batch."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        spec = train_spec(write_spec, LAUNCH_SETTINGS + "      grad_accum: 2\n      launch: {num_processes: 2}\n",
+                          n=40)
+        spec.write_text(spec.read_text() + "executor: {kind: ray}\n")
+        launched = run(spec)
+    finally:
+        ray.shutdown()
+    one = run(train_spec(write_spec, LAUNCH_SETTINGS + "      grad_accum: 4\n", n=40))
+    record = launched.points[-1].steps["sft"]
+    assert record.stats["processes"] == 2 and record.stats["launcher"] == "ray-train"
+    a, b = _final_weights(record.model_dir), _final_weights(one.points[-1].steps["sft"].model_dir)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6

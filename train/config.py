@@ -54,6 +54,19 @@ class NEFTuneConfig(StepConfig):
     or the padded row length with noise everywhere (the HF Trainer / TRL variant)."""
 
 
+class LaunchConfig(StepConfig):
+    """Train in several processes (one per GPU): the same loop (train/loop.py) under
+    `accelerate launch`, or, on a Ray executor, as Ray Train workers (TorchTrainer)."""
+
+    num_processes: int = Field(2, ge=1)
+    """Processes (one per GPU). Each optimizer step takes `grad_accum` micro-batches in every
+    process, so the global batch is batch_size x grad_accum x num_processes."""
+    config_file: Optional[str] = None
+    """An Accelerate config file (relative to the spec) for FSDP or DeepSpeed; absent: DDP.
+    Its `num_processes` and `mixed_precision` are overridden by ours and by `precision`.
+    Not used on a Ray executor (Ray Train runs DDP)."""
+
+
 class TrainConfig(StepConfig):
     """Fine-tune a causal LM on instruction tables (Accelerate; LoRA or full; packing, goldfish, NEFTune)."""
 
@@ -111,6 +124,11 @@ class TrainConfig(StepConfig):
     device: str = "auto"
     """cpu, cuda, mps (auto: what Accelerate picks). Not part of the cache key."""
 
+    launch: Optional[LaunchConfig] = None
+    """Several processes/GPUs (`launch: {num_processes: 8}`): `accelerate launch` on this machine,
+    Ray Train workers on a Ray executor. Absent: one process, inside `datamill run`. Mixed
+    precision is `precision` either way."""
+
     lora: Optional[LoraConfig] = None
     """LoRA adapters (`lora: {r: 8}`; `lora: true` for defaults). Absent: full fine-tuning."""
     goldfish: Optional[GoldfishConfig] = None
@@ -135,7 +153,7 @@ class TrainConfig(StepConfig):
     """Upload the final model to MLflow as an artifact (default: only its path is logged, keeping
     the store small)."""
 
-    @field_validator("lora", "goldfish", "neftune", mode="before")
+    @field_validator("lora", "goldfish", "neftune", "launch", mode="before")
     @classmethod
     def _true_means_defaults(cls, value):
         return optional_section(value)

@@ -71,6 +71,8 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
     # --- 1. Accelerator: device, mixed precision, processes ---
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=cfg.device == "cpu")
     world, rank = accelerator.num_processes, accelerator.process_index
+    if not accelerator.is_main_process:
+        progress.set_quiet(True)  # one progress bar for the run, not one per process
     set_seed(cfg.seed)
 
     # --- 2. Data: tokenised examples, their order for every epoch ---

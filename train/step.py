@@ -16,6 +16,7 @@ A killed run resumes from its last checkpoint (`checkpoint_every`) in the step's
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -52,8 +53,15 @@ class TrainStep(Step):
             raise FieldError("data", "a table is listed twice; give it a larger mixture weight instead")
         if cfg.weights() is not None and not any(w > 0 for w in cfg.weights().values()):
             raise FieldError("data", "mixture weights must include a positive one")
+        config_file = self._config_file(env.base_dir)
+        if config_file is not None and not config_file.is_file():
+            raise FieldError(("launch", "config_file"), f"Accelerate config file not found: {config_file}")
         if cfg.eval_data in cfg.tables():
             raise FieldError("eval_data", f"'{cfg.eval_data}' is also a training table: hold out a separate table")
+
+    def key_material(self, env) -> dict:
+        config_file = self._config_file(env.base_dir)
+        return {"launch_config_file": _digest(config_file)} if config_file else {}
 
     # --- running ---------------------------------------------------------------------------
 
@@ -76,9 +84,17 @@ class TrainStep(Step):
         job = TrainJob(config=cfg.model_dump(mode="json"), model_dir=str(model_dir), examples=str(tokens_file),
                        out_dir=str(ctx.out_dir), state_dir=str(state))
         job.save(state / "job.json")  # the same job runs under `accelerate launch -m train.loop job.json`
-        summary = train(job, log=ctx.log_metrics, progress_desc=f"{ctx.name}: train")
+        if cfg.launch is None:
+            summary = train(job, log=ctx.log_metrics, progress_desc=f"{ctx.name}: train")
+            history = _read_jsonl(Path(ctx.out_dir) / "log.jsonl")
+        else:
+            self._launch(ctx, state / "job.json")
+            summary = json.loads((Path(ctx.out_dir) / "summary.json").read_text())
+            history = _read_jsonl(Path(ctx.out_dir) / "log.jsonl")
+            for row in history:  # the processes could not log to MLflow: their log, step by step
+                if row["step"] % cfg.log_every == 0 or "eval_loss" in row or row is history[-1]:
+                    ctx.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
 
-        history = _read_jsonl(Path(ctx.out_dir) / "log.jsonl")
         ctx.write(examples.drop("input_ids", "labels", "table").rename({"table_name": "table"}))
         ctx.write(pl.DataFrame(history, infer_schema_length=None), "log")
         ctx.reject(rejected)
@@ -89,6 +105,28 @@ class TrainStep(Step):
         ctx.log_artifact(plot)
         if cfg.log_model:
             ctx.log_artifact(Path(ctx.model_dir), f"{ctx.name}/model")
+
+    def _launch(self, ctx, job_path: Path) -> None:
+        """The job in `launch.num_processes` processes: Ray Train workers on a Ray executor, else
+        `accelerate launch` on this machine (train/launch.py)."""
+        from train.launch import launch_local, launch_ray
+        from train.loop import _mixed_precision
+
+        cfg = self.config
+        if ctx.shards.kind == "ray":
+            shards = ctx.shards
+            launch_ray(shards.ray, job_path, num_processes=cfg.launch.num_processes, device=cfg.device,
+                       num_cpus=shards.num_cpus, num_gpus=shards.num_gpus, storage=job_path.parent / "ray-train")
+            ctx.stats["launcher"] = "ray-train"
+        else:
+            config_file = self._config_file(ctx.env.base_dir)
+            launch_local(job_path, num_processes=cfg.launch.num_processes, mixed_precision=_mixed_precision(cfg),
+                         device=cfg.device, config_file=config_file, log_path=job_path.parent / "launch.log")
+            ctx.stats["launcher"] = "accelerate"
+
+    def _config_file(self, base_dir: Path) -> Path | None:
+        launch = self.config.launch
+        return (Path(base_dir) / launch.config_file).resolve() if launch and launch.config_file else None
 
     def _tokenise(self, ctx, model_dir: Path):
         """All rows of all tables as tokenised examples (+ rejected rows), through the token cache."""
@@ -214,8 +252,6 @@ def _write_parquet_atomic(df, path: Path) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    import json
-
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
