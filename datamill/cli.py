@@ -70,10 +70,12 @@ def plan(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt) -> None:
     console.print(f"workspace: {p.workspace.root}")
 
 
+ExecutorOpt = typer.Option(None, "--executor", help="local or ray: where shardable steps run "
+                           "(same as --set executor.kind=...).")
+
+
 @app.command()
-def run(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt,
-        executor: Optional[str] = typer.Option(None, "--executor", help="local or ray: where shardable steps run "
-                                               "(same as --set executor.kind=...).")) -> None:
+def run(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt, executor: Optional[str] = ExecutorOpt) -> None:
     """Run a spec (every sweep point); steps already in the workspace are reused."""
     from datamill.api import run as run_spec
 
@@ -144,8 +146,8 @@ def eval_(models: str = typer.Option(..., "--models", help="Comma-separated mode
           limit: Optional[int] = typer.Option(None, help="First N examples per task."),
           num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Default: each task's own."),
           batch_size: int = typer.Option(8, "--batch-size"),
-          out: Path = typer.Option(Path("datamill-eval"), "--out", help="Folder for the generated spec and its workspace.")
-          ) -> None:
+          out: Path = typer.Option(Path("datamill-eval"), "--out", help="Folder for the generated spec and its workspace."),
+          executor: Optional[str] = ExecutorOpt) -> None:
     """Evaluate models x tasks: one MLflow parent run, a child per model, a comparison heatmap.
     Each (model, task) pair runs once: rerunning with one more task or model runs only what is new."""
     from rich.table import Table
@@ -174,7 +176,7 @@ def eval_(models: str = typer.Option(..., "--models", help="Comma-separated mode
     spec.write_text("# written by `datamill eval`: one evaluate step per task, a sweep point per model\n"
                     f"name: eval\nmodels: {{model: {json.dumps(refs[0])}}}\nsteps:\n" + "\n".join(steps) +
                     f"\nsweep:\n  models.model: {json.dumps(refs)}\n")
-    result = run_spec(spec, quiet=progress.is_quiet())
+    result = run_spec(spec, [f"executor.kind={executor}"] if executor else None, quiet=progress.is_quiet())
     compared = comparison(result)
     columns, values = compared.columns, compared.values
     table = Table(title="tasks x models", title_justify="left")

@@ -15,6 +15,7 @@ stderr. Tasks come from evals/tasks/ (shipped, offline), your `include_path` fol
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -23,7 +24,6 @@ from pydantic import Field, model_validator
 
 from datamill.errors import DatamillError, FieldError, did_you_mean
 from datamill.step import Step, StepConfig
-
 
 
 class EvaluateConfig(StepConfig):
@@ -81,7 +81,7 @@ class EvaluateStep(Step):
     kind = "evaluate"
     execution_only = ("device",)
     Config = EvaluateConfig
-    version = "1"
+    version = "2"  # 2: each task of `tasks` runs alone (see run)
 
     def model_refs(self):
         return [(("model",), self.config.model)]
@@ -140,23 +140,32 @@ class EvaluateStep(Step):
     def run(self, ctx) -> None:
         import polars as pl
 
-        from evals.harness import evaluate, hf_model
-
         cfg = self.config
-        lm = hf_model(ctx.model_path(cfg.model), device=cfg.device, batch_size=cfg.batch_size)
-        chat = cfg.apply_chat_template
-        if chat is None:
-            chat = bool(getattr(lm.tokenizer, "chat_template", None))
+        # The work in units that do not depend on each other: each entry of `tasks` (a task or a
+        # group) and each self-supervised metric. Locally they share one loaded model; on a Ray
+        # executor each unit is a Ray task that loads the model itself (on a GPU worker with
+        # `executor.num_gpus`). A unit's results are the same either way: lm-eval runs each entry
+        # with the same seeds, alone (lm-eval batches the requests of tasks run together, and
+        # other padding changes the last bits of a log-likelihood).
+        units = [("task", name) for name in cfg.tasks] + [("byod", metric) for metric in cfg.self_supervised]
+        corpus = self._corpus(ctx) if cfg.self_supervised else None
+        run_unit = functools.partial(evaluate_unit, settings=cfg.model_dump(mode="json"),
+                                     include_paths=[str(p) for p in self._include_paths(ctx.env.base_dir)],
+                                     corpus=corpus)
+        model_path = str(ctx.model_path(cfg.model))
+        if ctx.shards.kind == "local":
+            from evals.harness import hf_model
+
+            lm = hf_model(model_path, device=cfg.device, batch_size=cfg.batch_size)
+            parts = ctx.shards.map(functools.partial(run_unit, lm=lm, label=ctx.name), units)
+        else:
+            parts = ctx.shards.map(functools.partial(run_unit, model_path=model_path), units)
         samples, metrics, results = [], {}, {}
-        if cfg.tasks:
-            run = evaluate(lm, cfg.tasks, include_paths=self._include_paths(ctx.env.base_dir),
-                           defaults=cfg.lm_eval_defaults, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                           apply_chat_template=chat, seed=cfg.seed, gen_kwargs=cfg.gen_kwargs)
-            samples, metrics, results = run.samples, run.metrics, run.results
-        if cfg.self_supervised:
-            rows, summaries = self._self_supervised(ctx, lm)
-            samples += rows
-            metrics.update(summaries)
+        for part in parts:
+            samples += part["samples"]
+            metrics.update(part["metrics"])
+            _merge_results(results, part["results"])
+        chat = parts[0]["apply_chat_template"]
         schema = {"id": pl.String, "task": pl.String, "doc_id": pl.Int64, "metric": pl.String, "score": pl.Float64,
                   "correct": pl.Boolean, "target": pl.String, "output": pl.String, "generation": pl.String,
                   "loglikelihoods": pl.List(pl.Float64), "prompt": pl.String}
@@ -170,7 +179,25 @@ class EvaluateStep(Step):
             ctx.log_artifact(path)
         ctx.stats.update({"tasks": metrics, "examples": table.select("id", "task").unique().height,
                           "apply_chat_template": chat})
+        ctx.stats.update(ctx.shards.summary())
         ctx.log_sample(table.drop("prompt", "loglikelihoods"), name="samples")
+
+    def _corpus(self, ctx) -> dict:
+        """The self-supervised metrics' texts and their ids: the `corpus` table or python-docs."""
+        from evals.byod import python_docs_corpus
+
+        cfg = self.config
+        if not cfg.corpus:
+            texts = python_docs_corpus()
+            return {"texts": texts, "ids": [f"python-docs:{i}" for i in range(len(texts))]}
+        from datamill.records import column_texts, text_column
+
+        table = ctx.read(cfg.corpus)
+        texts = column_texts(table, text_column(table, cfg.corpus_column, f"evaluate corpus '{cfg.corpus}'"))
+        if not texts:
+            raise DatamillError(f"corpus table '{cfg.corpus}' is empty: the self-supervised metrics need text")
+        ids = table["id"].cast(str).to_list() if "id" in table.columns else [str(i) for i in range(len(texts))]
+        return {"texts": texts, "ids": ids}
 
     def _with_training_neighbours(self, ctx, table):
         """Join each example's density under the training rows and its nearest training row."""
@@ -199,32 +226,44 @@ class EvaluateStep(Step):
         ctx.stats["training_data"] = {"rows": train.height, "mean_log_density": float(found["log_density"].mean())}
         return table.join(pl.DataFrame(columns), on=["id", "task"], how="left", maintain_order="left")
 
-    def _self_supervised(self, ctx, lm) -> tuple[list[dict], dict]:
-        """BYOD rows for the long table and a summary per metric (score, mean, median, stderr)."""
-        from datamill import progress
-        from evals.byod import python_docs_corpus, run_metric
 
-        cfg = self.config
-        if cfg.corpus:
-            from datamill.records import column_texts, text_column
+def evaluate_unit(unit: tuple[str, str], *, settings: dict, include_paths: list[str], corpus: dict | None,
+                  lm=None, model_path: str | None = None, label: str = "evaluate") -> dict:
+    """One lm-eval task (or group) or one self-supervised metric on a model: its per-example rows,
+    metrics, lm-eval results and whether prompts went through the chat template. A plain function
+    of plain values, so a Ray worker can run it; `lm` is the loaded model when the caller has one,
+    else it is loaded from `model_path`."""
+    from evals.harness import evaluate, hf_model
 
-            table = ctx.read(cfg.corpus)
-            texts = column_texts(table, text_column(table, cfg.corpus_column, f"evaluate corpus '{cfg.corpus}'"))
-            ids = table["id"].cast(str).to_list() if "id" in table.columns else [str(i) for i in range(len(texts))]
-            if not texts:
-                raise DatamillError(f"corpus table '{cfg.corpus}' is empty: the self-supervised metrics need text")
+    cfg = EvaluateConfig.model_validate(settings)
+    if lm is None:
+        lm = hf_model(model_path, device=cfg.device, batch_size=cfg.batch_size)
+    chat = cfg.apply_chat_template
+    if chat is None:
+        chat = bool(getattr(lm.tokenizer, "chat_template", None))
+    kind, name = unit
+    if kind == "task":
+        run = evaluate(lm, [name], include_paths=[Path(p) for p in include_paths], defaults=cfg.lm_eval_defaults,
+                       num_fewshot=cfg.num_fewshot, limit=cfg.limit, apply_chat_template=chat, seed=cfg.seed,
+                       gen_kwargs=cfg.gen_kwargs)
+        return {"samples": run.samples, "metrics": run.metrics, "results": run.results, "apply_chat_template": chat}
+    from datamill import progress
+    from evals.byod import run_metric
+
+    with progress.bar(label if label == name else f"{label}: {name}", total=None, unit="examples") as bar:
+        found, summary = run_metric(name, lm.model, lm.tokenizer, corpus["texts"], max_examples=cfg.max_examples,
+                                    batch_size=cfg.batch_size, progress=bar.advance)
+    rows = [{"id": corpus["ids"][r["index"]], "task": f"byod_{name}", "doc_id": r["index"], "metric": name,
+             "score": r["score"], "correct": None, "target": r["original"], "output": r["perturbed"],
+             "generation": None, "loglikelihoods": None, "prompt": None} for r in found]
+    return {"samples": rows, "metrics": {f"byod_{name}": summary}, "results": {}, "apply_chat_template": chat}
+
+
+def _merge_results(into: dict, part: dict) -> None:
+    """lm-eval results of one more task: its entries added to every per-task section (results,
+    configs, versions, n-shot, ...); run-wide values (date, environment) kept from the first."""
+    for key, value in part.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            into[key].update(value)
         else:
-            texts = python_docs_corpus()
-            ids = [f"python-docs:{i}" for i in range(len(texts))]
-        rows, summaries = [], {}
-        for metric in cfg.self_supervised:
-            label = ctx.name if ctx.name == metric else f"{ctx.name}: {metric}"
-            with progress.bar(label, total=None, unit="examples") as bar:
-                found, summary = run_metric(metric, lm.model, lm.tokenizer, texts, max_examples=cfg.max_examples,
-                                            batch_size=cfg.batch_size, progress=bar.advance)
-            summaries[f"byod_{metric}"] = summary
-            rows += [{"id": ids[r["index"]], "task": f"byod_{metric}", "doc_id": r["index"], "metric": metric,
-                      "score": r["score"], "correct": None, "target": r["original"], "output": r["perturbed"],
-                      "generation": None, "loglikelihoods": None, "prompt": None} for r in found]
-        return rows, summaries
-
+            into.setdefault(key, value)

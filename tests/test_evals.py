@@ -425,3 +425,38 @@ def test_the_shipped_tasks_are_what_the_exporter_writes(tmp_path):
     assert shipped == fresh
     for rel in sorted(fresh):
         assert (SHIPPED_TASKS / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
+
+
+@pytest.mark.slow
+def test_an_eval_sweep_on_ray_writes_the_tables_of_a_local_run(write_spec, tiny, monkeypatch):
+    """Two models x (a task, a group, a self-supervised metric): on Ray every task and metric is a
+    Ray task that loads the model itself; the tables are byte for byte the local ones."""
+    ray = pytest.importorskip("ray")
+    from datamill.api import run
+
+    monkeypatch.setenv("DATAMILL_MODEL_CACHE", str(tiny.parent))
+    spec = f"""
+name: evsweep
+models: {{model: builtin:tiny-llama}}
+steps:
+  score:
+    evaluate: {{model: model, tasks: [datamill_capitals_mc, datamill_sort], self_supervised: [negation],
+               limit: 4, max_examples: 4, apply_chat_template: false}}
+sweep:
+  models.model: ["builtin:tiny-llama", "{tiny}"]
+tracking: {{enabled: false}}
+"""
+    local = run(write_spec(spec))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        on_ray = run(write_spec(spec.replace("name: evsweep", "name: evsweep_ray") + "executor: {kind: ray}\n"))
+    finally:
+        ray.shutdown()
+    assert len(on_ray.points) == 2
+    for a, b in zip(local.points, on_ray.points):
+        stats = b.steps["score"].stats
+        assert stats["executor"] == "ray" and stats["shards"] == 3  # a task, a group, a metric
+        assert a.plan.by_name("score").key == b.plan.by_name("score").key
+        path = lambda result, point: result.workspace.table_path(point.plan.by_name("score").key, "main")
+        assert path(local, a).read_bytes() == path(on_ray, b).read_bytes()
+        assert stats["tasks"] == a.steps["score"].stats["tasks"]
