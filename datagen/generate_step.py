@@ -54,7 +54,8 @@ class OpenAIConfig(StepConfig):
     api_key: Optional[str] = None
     """Not allowed: a key written in a spec ends up in git and logs. Use `api_key_env`."""
     max_in_flight: int = Field(64, ge=1, le=4096)
-    """Requests sent concurrently. Does not change the results (not part of the cache key)."""
+    """Requests sent concurrently (in all: on a Ray executor each of the tasks running at once
+    sends its share). Does not change the results (not part of the cache key)."""
     timeout_s: float = Field(120, gt=0)
     """Seconds to wait for one response before retrying it."""
     max_retries: int = Field(6, ge=0)
@@ -257,7 +258,8 @@ class GenerateStep(Step):
                     backend.generate(todo, on_result)
                     stats = backend.stats
                 else:  # request shards as executor tasks; this process alone writes the request cache
-                    make = functools.partial(make_backend, cfg, model_dir, ctx.name)
+                    make = functools.partial(make_backend, self._per_task(cfg, ctx.shards.workers), model_dir,
+                                             ctx.name)
                     stats = BackendStats()
 
                     def save_shard(_, shard_results: list[GenResult]) -> None:
@@ -291,6 +293,15 @@ class GenerateStep(Step):
 
     def _backend(self, model_dir: Path | None, step_name: str):
         return make_backend(self.config, model_dir, step_name)
+
+    @staticmethod
+    def _per_task(cfg: GenerateConfig, tasks_at_once: int) -> GenerateConfig:
+        """The config a shard's task runs with: `max_in_flight` split between the tasks that run at
+        once, so the endpoint sees the concurrency the spec asks for on either executor."""
+        if cfg.backend != "openai":
+            return cfg
+        share = max(1, -(-cfg.openai.max_in_flight // tasks_at_once))
+        return cfg.model_copy(update={"openai": cfg.openai.model_copy(update={"max_in_flight": share})})
 
     def _tables(self, ctx, planned: list[PlannedRequest], results: dict[str, dict]):
         import polars as pl

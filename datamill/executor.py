@@ -9,7 +9,9 @@ gets a parent run.
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -103,11 +105,13 @@ def execute(plans: list[Plan], tracker=None) -> RunResult:
                 experiment=experiment, run_name=f"{spec.name} (sweep of {len(plans)})", parent_run_id=None,
                 params=_params(first, sweep=True), tags=_tags(first, role="sweep"), spec_yaml=_spec_yaml(first))
             result.run_id = parent
-        for plan in plans:
-            result.points.append(_run_point(plan, tracker, experiment, parent, result))
-            if not result.run_id:
-                result.run_id = result.points[-1].run_id
-            workspace.register(_views(plan))
+        if spec.executor.kind == "ray" and len(plans) > 1:
+            _run_points_at_once(plans, tracker, experiment, parent, result)
+        else:
+            for plan in plans:
+                result.points.append(_run_point(plan, tracker, experiment, parent, result))
+                workspace.register(_views(plan))
+        result.run_id = result.run_id or result.points[0].run_id
         if parent:
             _log_comparison(result, tracker, parent)
             tracker.end_run(parent, "FINISHED")
@@ -234,18 +238,90 @@ def _log_comparison(result: RunResult, tracker, parent: str) -> None:
     tracker.log_artifact(parent, folder / "comparison_bars.png", "comparison")
 
 
-def _run_point(plan: Plan, tracker, experiment: str, parent: str | None, result: RunResult) -> PointResult:
+class _Serialized:
+    """A tracker whose calls from several threads go one at a time (a sqlite store has one writer)."""
+
+    def __init__(self, tracker):
+        self._tracker, self._lock = tracker, threading.Lock()
+
+    def __getattr__(self, name):
+        attr = getattr(self._tracker, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with self._lock:
+                return attr(*args, **kwargs)
+        return call
+
+
+class _Together:
+    """What the points of a sweep that run at once share: one step at a time works in this
+    process (`work`, let go while a step waits for Ray: datamill/shards.py), and a step key is
+    run by one point while the others wait for it, then find it cached."""
+
+    def __init__(self):
+        self.work = threading.Lock()
+        self._keys: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    @contextmanager
+    def step(self, key: str):
+        with self._guard:
+            key_lock = self._keys.setdefault(key, threading.Lock())
+        with key_lock, self.work:  # always in this order: no two threads wait on each other
+            yield
+
+
+def _run_points_at_once(plans: list[Plan], tracker, experiment: str, parent: str | None, result: RunResult) -> None:
+    """A Ray executor's sweep: every point in a thread of its own, so that the points' Ray tasks
+    (evaluation tasks, scoring slices, generation requests, training workers) run at the same
+    time. The first failure (in point order) is raised once every point has stopped."""
+    together, tracker = _Together(), _Serialized(tracker)
+    points: list[PointResult | None] = [None] * len(plans)
+    errors: list[BaseException | None] = [None] * len(plans)
+
+    def run(i: int) -> None:
+        try:
+            points[i] = _run_point(plans[i], tracker, experiment, parent, result, together)
+        except BaseException as e:  # re-raised below, in the main thread
+            errors[i] = e
+
+    # daemon: a Ctrl-C ends the process without waiting for them (the next run resumes)
+    threads = [threading.Thread(target=run, args=(i,), name=f"point-{i}", daemon=True) for i in range(len(plans))]
+    with progress.plain_bars():
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    for plan, point in zip(plans, points):
+        if point is not None:
+            plans[0].workspace.register(_views(plan))
+    failed = next((e for e in errors if e is not None), None)
+    if failed is not None:
+        raise failed
+    result.points.extend(points)
+
+
+def _run_point(plan: Plan, tracker, experiment: str, parent: str | None, result: RunResult,
+               together: _Together | None = None) -> PointResult:
+    from rich.markup import escape
+
     resolved = plan.resolved
     name = resolved.label or resolved.spec.name
     run_id = tracker.start_run(
         experiment=experiment, run_name=name, parent_run_id=parent, params=_params(plan),
         tags=_tags(plan, role="point" if parent else "run"), spec_yaml=_spec_yaml(plan))
     point = PointResult(label=resolved.label, point=resolved.point, run_id=run_id, plan=plan)
-    if resolved.label:
+    if resolved.label and together is None:
         progress.console().print(f"[bold]point {resolved.label}[/bold]")
+    # points at once: each line says whose it is (escaped: a label's brackets are not markup)
+    prefix = escape(f"[{resolved.label}] ") if together is not None else ""
     try:
         for ps in plan.steps:
-            record = _run_step(plan, ps, tracker, run_id)
+            with together.step(ps.key) if together is not None else nullcontext():
+                record = _run_step(plan, ps, tracker, run_id, together.work if together is not None else None,
+                                   prefix)
             point.steps[ps.name] = record
             if not record.cached:
                 result.executed.append(f"{ps.name}@{ps.key}")
@@ -257,15 +333,15 @@ def _run_point(plan: Plan, tracker, experiment: str, parent: str | None, result:
     return point
 
 
-def _run_step(plan: Plan, ps: PlannedStep, tracker, run_id: str) -> StepRecord:
+def _run_step(plan: Plan, ps: PlannedStep, tracker, run_id: str, work_lock=None, prefix: str = "") -> StepRecord:
     ws = plan.workspace
     console = progress.console()
     if ws.is_cached(ps.key):
         meta = ws.meta(ps.key)
-        console.print(f"  [dim]cached[/dim]  {ps.name} ({ps.kind}){_rows_note(meta['stats'])}")
+        console.print(f"  {prefix}[dim]cached[/dim]  {ps.name} ({ps.kind}){_rows_note(meta['stats'])}")
         return _record(ws, ps, meta, cached=True)
 
-    console.print(f"  [cyan]running[/cyan] {ps.name} ({ps.kind})")
+    console.print(f"  {prefix}[cyan]running[/cyan] {ps.name} ({ps.kind})")
     tmp = ws.new_tmp_dir(ps.key)
     ctx = StepContext(
         name=ps.name, kind=ps.kind, key=ps.key, out_dir=tmp, state_dir=ws.state_dir(ps.key),
@@ -274,9 +350,9 @@ def _run_step(plan: Plan, ps: PlannedStep, tracker, run_id: str) -> StepRecord:
         tracker_log=lambda metrics, step=None: tracker.log_metrics(run_id, metrics, step),
         tracker_table=lambda name, columns: tracker.log_table(run_id, name, columns),
         tracker_artifact=lambda path, artifact_path=None: tracker.log_artifact(run_id, path, artifact_path),
-        shards=make_shards(plan.resolved.spec.executor),
+        shards=make_shards(plan.resolved.spec.executor, work_lock),
     )
-    start = time.monotonic()
+    start, started_at = time.monotonic(), _now()
     try:
         ps.step.run(ctx)
     except KeyboardInterrupt:
@@ -291,12 +367,16 @@ def _run_step(plan: Plan, ps: PlannedStep, tracker, run_id: str) -> StepRecord:
         "config": redact_config(ps.step.config.model_dump(mode="json")),
         "inputs": ps.tables_in, "models": ps.models, "stats": ctx.stats, "seconds": round(seconds, 3),
         "tables": _describe_tables(tmp / "tables"),  # digests computed once, reused by cached runs
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_at": started_at, "finished_at": _now(),
     }
     write_json_atomic(tmp / "meta.json", meta)
     ws.commit(ps.key, tmp)
-    console.print(f"  [green]done[/green]    {ps.name} ({ps.kind}) in {seconds:.1f}s{_rows_note(ctx.stats)}")
+    console.print(f"  {prefix}[green]done[/green]    {ps.name} ({ps.kind}) in {seconds:.1f}s{_rows_note(ctx.stats)}")
     return _record(ws, ps, meta, cached=False)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _rows_note(stats: dict) -> str:

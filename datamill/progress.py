@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 
 _quiet = False
+_plain = False  # log lines instead of live bars, even on a terminal
 
 
 def set_quiet(quiet: bool) -> None:
@@ -92,7 +93,7 @@ def bar(desc: str, total: int | None = None, unit: str = "rows"):
     """`with bar("dedup", total=n) as b: ... b.advance()`."""
     if _quiet:
         b = _NullBar()
-    elif sys.stderr.isatty():
+    elif sys.stderr.isatty() and not _plain:
         b = _RichBar(desc, total, unit)
     else:
         b = _PlainBar(desc, total, unit)
@@ -100,6 +101,18 @@ def bar(desc: str, total: int | None = None, unit: str = "rows"):
         yield b
     finally:
         b.close()
+
+
+@contextmanager
+def plain_bars():
+    """Progress as log lines while it lasts: for sweep points that run at once, whose live bars
+    would draw over each other."""
+    global _plain
+    before, _plain = _plain, True
+    try:
+        yield
+    finally:
+        _plain = before
 
 
 def track(iterable, desc: str, total: int | None = None, unit: str = "rows"):

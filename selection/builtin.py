@@ -76,11 +76,12 @@ def density(candidates: list[str], targets: list[str], *, model_dir=None, bandwi
 def less(candidates: list[str], targets: list[str], **context_and_params) -> np.ndarray:
     """LESS: warm up LoRA on a slice of the pool, then score candidates by the lr-weighted cosine
     of their Adam-aware gradients with the targets' gradients. Its params and defaults are
-    `run_less`'s (selection/less_method.py). Needs the step's `model`."""
+    `run_less`'s (selection/less_method.py). Needs the step's `model`. On a Ray executor the
+    candidates' gradient features are computed in slices, one Ray task each (aligned to the
+    batches and projection chunks of one pass, so the scores are the same)."""
     from selection.less_method import run_less
 
     context_and_params.pop("work_dir", None)  # LESS keeps its datastore in cache_dir
-    context_and_params.pop("shards", None)  # not sharded yet: runs in this process
     return run_less(candidates, targets, **context_and_params)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # LESS hard-codes these (adamw_torch defaults)
 PROJECTION_BLOCK = 1024  # parameter rows of the random matrix generated at a time
+PROJECTION_ELEMENTS = 50_000_000  # about how many gradient values (rows x width) to project at once
 
 
 # --------------------------------------------------------------------------- per-example gradients
@@ -73,7 +74,9 @@ def per_example_grads(model, batches, *, loop: bool = False):
     linears = lora_linears(model)
     if not linears:
         raise ValueError("the model has no trainable linear layers (LoRA adapters expected)")
+    device = next(model.parameters()).device
     for batch in batches:
+        batch = {key: value.to(device) for key, value in batch.items()}  # a no-op on the CPU
         if loop:
             yield _looped(model, batch, linears)
             continue
@@ -141,54 +144,89 @@ def project(flat, dim: int, seed: int):
     whole: D x 8192 would not fit in memory for a 1B model's adapters)."""
     import torch
 
-    out = torch.zeros(flat.shape[0], dim, dtype=torch.float32)
+    out = torch.zeros(flat.shape[0], dim, dtype=torch.float32, device=flat.device)
     for start in range(0, flat.shape[1], PROJECTION_BLOCK):
         stop = min(start + PROJECTION_BLOCK, flat.shape[1])
+        # generated on the CPU whatever the device: the same matrix everywhere
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start // PROJECTION_BLOCK)
         block = torch.randint(0, 2, (stop - start, dim), generator=generator, dtype=torch.int8).float() * 2 - 1
-        out += flat[:, start:stop].float() @ block
+        out += flat[:, start:stop].float() @ block.to(flat.device)
     return out
 
 
 def features(model, examples, names: list[str], moments: dict | None, dim: int, seed: int, *,
-             batch_size: int = 8, pad_id: int = 0, progress=None, loop: bool = False) -> np.ndarray:
+             batch_size: int = 8, every: int | None = None, pad_id: int = 0, progress=None,
+             loop: bool = False) -> np.ndarray:
     """Normalised projected (Adam-aware when `moments` is given) gradients, one row per example,
-    in the examples' order. Batches are formed from length-sorted examples (little padding), and
-    gradients are projected in chunks of rows so that rows x parameters stays bounded."""
-    import torch
+    in the examples' order. Batches are formed from length-sorted examples (little padding)."""
+    order = length_order(examples)
+    rows = sorted_features(model, [examples[i] for i in order], names, moments, dim, seed, batch_size=batch_size,
+                           every=every, pad_id=pad_id, progress=progress, loop=loop)
+    return in_input_order(rows, order)
 
-    order = np.argsort([len(e.input_ids) for e in examples], kind="stable")
-    batches = batches_of([examples[i] for i in order], batch_size, pad_id)
 
-    out, pending, pending_size = [], [], 0
+def length_order(examples) -> np.ndarray:
+    """The order `features` batches examples in: by length, ties in input order."""
+    return np.argsort([len(e.input_ids) for e in examples], kind="stable")
 
-    def flush():
-        nonlocal pending, pending_size
-        if pending:
-            projected = project(torch.cat(pending), dim, seed)
-            out.append(torch.nn.functional.normalize(projected, dim=1).numpy())
-        pending, pending_size = [], 0
 
-    for grads in per_example_grads(model, batches, loop=loop):
-        parts = []
-        for name in names:
-            g = grads[name].flatten(1)
-            if moments is not None:
-                m = moments[name]
-                g = adam_direction(g, m["exp_avg"].flatten()[None], m["exp_avg_sq"].flatten()[None])
-            parts.append(g)
-        flat = torch.cat(parts, dim=1)
-        pending.append(flat)
-        pending_size += flat.numel()
-        if progress:
-            progress(flat.shape[0])
-        if pending_size > 50_000_000:
-            flush()
-    flush()
-    sorted_rows = np.concatenate(out)
+def in_input_order(sorted_rows: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Rows computed in `order` (from length_order) put back in the examples' order."""
     rows = np.empty_like(sorted_rows)
     rows[order] = sorted_rows
     return rows
+
+
+def gradient_width(model, names: list[str]) -> int:
+    """Values in one example's flattened gradient over the parameters `names`."""
+    params = dict(model.named_parameters())
+    return sum(params[name].numel() for name in names)
+
+
+def projection_every(batch_size: int, width: int) -> int:
+    """How many batches' gradients are projected together: as many as PROJECTION_ELEMENTS holds,
+    at least one. A count of whole batches, not a running size, so that where the chunks start
+    is known in advance: a slice of the sorted examples starting at a multiple of
+    every * batch_size meets exactly the chunks of one pass (a matmul's rounding may depend on
+    its shape, and LESS's features must not depend on how the work was split)."""
+    return max(1, PROJECTION_ELEMENTS // (batch_size * width))
+
+
+def sorted_features(model, examples, names: list[str], moments: dict | None, dim: int, seed: int, *,
+                    batch_size: int = 8, every: int | None = None, pad_id: int = 0, progress=None,
+                    loop: bool = False) -> np.ndarray:
+    """`features` of examples already in batching order: batches of `batch_size` in this order,
+    the gradients of `every` batches (default: projection_every) projected together so that
+    rows x parameters stays bounded. Runs on the model's device; the result is on the CPU."""
+    import torch
+
+    every = every or projection_every(batch_size, gradient_width(model, names))
+    device = next(model.parameters()).device
+    adam = None if moments is None else {
+        name: (moments[name]["exp_avg"].flatten()[None].to(device),
+               moments[name]["exp_avg_sq"].flatten()[None].to(device)) for name in names}
+    out, pending = [], []
+
+    def flush():
+        if pending:
+            projected = project(torch.cat(pending), dim, seed)
+            out.append(torch.nn.functional.normalize(projected, dim=1).cpu().numpy())
+            pending.clear()
+
+    for grads in per_example_grads(model, batches_of(examples, batch_size, pad_id), loop=loop):
+        parts = []
+        for name in names:
+            g = grads[name].flatten(1)
+            if adam is not None:
+                g = adam_direction(g, *adam[name])
+            parts.append(g)
+        pending.append(torch.cat(parts, dim=1))
+        if progress:
+            progress(pending[-1].shape[0])
+        if len(pending) == every:
+            flush()
+    flush()
+    return np.concatenate(out) if out else np.zeros((0, dim), dtype=np.float32)
 
 
 def less_scores(candidate_feats: list[np.ndarray], target_feats: list[np.ndarray], lrs: list[float],

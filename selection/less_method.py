@@ -9,10 +9,21 @@ The datastore lives in the workspace's shared folder under a key of everything t
 A second `select` on the same pool with another target table computes only the targets'
 gradients. Files are written to a temp name and renamed, so a killed run never leaves half a
 feature file.
+
+On a Ray executor (`executor: {kind: ray}`) the candidates' features of each checkpoint, the
+expensive part, are computed in shards: slices of the length-sorted pool, each a Ray task that
+loads the checkpoint itself (workers read it from the datastore: on a cluster of several
+machines the workspace must be on a shared filesystem). Slices start at whole projection chunks,
+so every batch and every projected chunk is the one of a single pass, and shards use this
+process's torch thread count (datamill/shards.py): the features, scores and tables are
+bit-identical to a local run on the same kind of CPU. A
+worker with a GPU (`num_gpus` in the executor) runs its shard there: the same features up to
+float rounding. The targets' features, few, are computed here.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -27,9 +38,11 @@ def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, se
              warmup_fraction: float = 0.05, warmup_min: int = 8, epochs: int = 4, lr: float = 2e-5, lora_r: int = 8,
              lora_alpha: float = 32, lora_targets: list[str] | None = None, proj_dim: int = 8192,
              aggregate: str = "mean", max_len: int = 512, batch_size: int = 8,
-             candidate_gradient: str = "adam") -> np.ndarray:
+             candidate_gradient: str = "adam", shards=None) -> np.ndarray:
     """Scores of the `less` method. Defaults follow LESS (4 epochs, lr 2e-5, 5% warmup slice,
-    8192 dims) except the LoRA rank (8, alpha 32: the reference's 128/512 is slow on a CPU)."""
+    8192 dims) except the LoRA rank (8, alpha 32: the reference's 128/512 is slow on a CPU).
+    `shards`: the step's shard runner; unless local, the candidates' features are computed in
+    shards (see the module docstring)."""
     if model_dir is None:
         raise ValueError("method less needs a model to warm up: set `model:` in the select step")
     if candidate_gradient not in ("adam", "sgd"):
@@ -37,7 +50,7 @@ def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, se
     lora_targets = lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj"]
     from datamill.models import model_identity
     from datamill.registry import function
-    from selection.less import features, less_scores, load_checkpoint_model
+    from selection.less import features, gradient_width, less_scores, load_checkpoint_model, projection_every
 
     pool_convs, loss_on = _conversations(rows, candidates)
     target_convs, target_loss_on = _conversations(target_rows, targets)
@@ -67,13 +80,52 @@ def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, se
                 progress(len(pool_examples) / len(states))
         else:
             step = (lambda n: progress(n / len(states))) if progress else None
-            feats = features(model, pool_examples, names, moments if candidate_gradient == "adam" else None,
-                             proj_dim, seed, batch_size=batch_size, progress=step)
+            adam = candidate_gradient == "adam"
+            # decided here, once: the slices are aligned to it and every shard projects alike
+            every = projection_every(batch_size, gradient_width(model, names))
+            if shards is None or shards.kind == "local":
+                feats = features(model, pool_examples, names, moments if adam else None, proj_dim, seed,
+                                 batch_size=batch_size, every=every, progress=step)
+            else:
+                shard = functools.partial(_checkpoint_features, model_dir=str(model_dir), lora=lora,
+                                          state_path=str(state["path"]), adam=adam, dim=proj_dim, seed=seed,
+                                          batch_size=batch_size, every=every)
+                feats = _sharded_features(shards, shard, pool_examples, align=every * batch_size, progress=step)
             _save_npy(cached, feats)
         cand_feats.append(feats)
         target_feats.append(features(model, target_examples, names, None, proj_dim, seed, batch_size=batch_size))
         lrs.append(state["mean_lr"])
     return less_scores(cand_feats, target_feats, lrs, aggregate)
+
+
+SHARD_MINIMUM = 64  # examples: a shard loads the model, it must have work enough to be worth it
+
+
+def _sharded_features(shards, shard, examples, *, align: int, progress=None) -> np.ndarray:
+    """`features` of `examples` through the executor: `shard(slice)` over consecutive slices of
+    their length order (`features`' batching order) whose lengths are multiples of `align`, so
+    that each slice's batches and projection chunks are those of one pass."""
+    from selection.less import in_input_order, length_order
+
+    order = length_order(examples)
+    slices = shards.slices([examples[i] for i in order], minimum=SHARD_MINIMUM, align=align)
+    done = (lambda i, rows: progress(len(rows))) if progress else None
+    return in_input_order(np.concatenate(shards.map(shard, slices, on_done=done)), order)
+
+
+def _checkpoint_features(examples, *, model_dir: str, lora: dict, state_path: str, adam: bool, dim: int, seed: int,
+                         batch_size: int, every: int) -> np.ndarray:
+    """One shard: the features of `examples` (already in batching order) under a warmup
+    checkpoint, loaded here (a Ray task ships this call, not a model)."""
+    import torch
+
+    from selection.less import load_checkpoint_model, sorted_features
+
+    model, moments = load_checkpoint_model(Path(model_dir), lora, Path(state_path))
+    if torch.cuda.is_available():  # a GPU worker (executor num_gpus): equal up to float rounding
+        model = model.to("cuda")
+    return sorted_features(model, examples, sorted(moments), moments if adam else None, dim, seed,
+                           batch_size=batch_size, every=every)
 
 
 def _conversations(table, texts: list[str]):

@@ -453,6 +453,9 @@ tracking: {{enabled: false}}
     finally:
         ray.shutdown()
     assert len(on_ray.points) == 2
+    # the two points ran at the same time (a thread each, their Ray tasks overlapping)
+    first, second = (on_ray.workspace.meta(p.plan.by_name("score").key) for p in on_ray.points)
+    assert second["started_at"] < first["finished_at"] and first["started_at"] < second["finished_at"]
     for a, b in zip(local.points, on_ray.points):
         stats = b.steps["score"].stats
         assert stats["executor"] == "ray" and stats["shards"] == 3  # a task, a group, a metric

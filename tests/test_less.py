@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from datamill.shards import LocalShards
+
 torch = pytest.importorskip("torch")
 
 
@@ -158,6 +160,43 @@ def test_features_keep_the_examples_order_whatever_the_batching(tiny):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+class SlicingShards(LocalShards):
+    """Runs shards here, but says it is not local: LESS slices its work as on Ray (a copy of
+    tests/test_shards.py's, so that the two files stay independent)."""
+
+    kind = "test-slices"
+    workers = 3
+
+
+def test_less_features_in_shards_are_bit_identical_to_one_pass(tiny, tmp_path, monkeypatch):
+    """As on a Ray executor: each checkpoint's candidate features in slices of the length-sorted
+    pool, one shard each (run here). Slices start at whole projection chunks (3 batches here: the
+    real budget holds all of tiny-llama's pool in one chunk), so features and scores are equal
+    bit for bit."""
+    import selection.less
+    from selection.less_method import run_less
+
+    monkeypatch.setattr(selection.less, "projection_every", lambda batch_size, width: 3)
+    candidates = [f"item {i}: " + "word " * (i % 23) + "end" for i in range(150)]  # many lengths
+    targets = ["item 7: word word end", "item 3: end"]
+    settings = dict(rows=None, target_rows=None, model_dir=tiny, cache_dir=tmp_path, epochs=1, warmup_min=8,
+                    lr=1e-3, proj_dim=256, batch_size=4, max_len=64)
+    one_pass = run_less(candidates, targets, **settings)
+    files = sorted(tmp_path.glob("less/*/features-epoch-*.npy"))
+    assert len(files) == 1
+    local_feats = [np.load(f) for f in files]
+    for f in files:  # the warmup stays: the second run recomputes only the features
+        f.unlink()
+    shards = SlicingShards()
+    sliced = run_less(candidates, targets, shards=shards, **settings)
+    for f, feats in zip(files, local_feats):
+        np.testing.assert_array_equal(np.load(f), feats)
+    np.testing.assert_array_equal(sliced, one_pass)
+    # 150 examples in slices of max(64, 150 / 12) rounded up to 3 batches of 4: 72, 72, 6
+    assert len(shards.seconds) == 3
+    assert np.unique(one_pass).size > 100  # the scores tell candidates apart
+
+
 @pytest.mark.slow
 def test_less_with_a_real_model_finds_families_a_random_model_cannot(write_spec, tmp_path_factory, monkeypatch):
     """SmolLM2-135M-Instruct (offline): one pool of the seven task families (30 rows each, base
@@ -190,3 +229,50 @@ tracking: {{enabled: false}}
     for family in families:
         assert steps[f"pick_{family}"].stats["target_family_precision"] >= 0.8, (family, steps[f"pick_{family}"].stats)
     assert len(list((result.workspace.root / "shared" / "select" / "less").iterdir())) == 1
+
+
+@pytest.fixture
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()  # RayShards joins the instance a test file started before
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_less_on_ray_writes_the_tables_of_a_local_run(write_spec, tiny, ray_cluster, monkeypatch):
+    """The same select spec with `executor: {kind: ray}`: the candidates' features are Ray tasks
+    (slices of the length-sorted pool, each loading the checkpoint itself), and the step's
+    tables are byte-identical to a local run's."""
+    import selection.less
+    from datamill.api import run
+
+    monkeypatch.setenv("DATAMILL_MODEL_CACHE", str(tiny.parent))
+    # projection chunks of one batch (tiny-llama's real budget is one chunk for the whole pool):
+    # decided by the driver, so the Ray workers project alike
+    monkeypatch.setattr(selection.less, "projection_every", lambda batch_size, width: 1)
+    params = "{epochs: 1, warmup_min: 8, proj_dim: 256, lr: 0.001, batch_size: 8, max_len: 96}"
+    spec = f"""
+name: less_local
+models: {{tiny: builtin:tiny-llama}}
+sources:
+  pool: {{generator: tasks, families: [arithmetic, capitals, sort, code], n: 130, seed: 0}}
+  target: {{generator: tasks, families: [capitals], n: 10, seed: 1}}
+steps:
+  pick: {{select: {{input: pool, target: target, method: less, budget: 20, model: tiny, params: {params}}}}}
+tracking: {{enabled: false}}
+"""
+    local = run(write_spec(spec))
+    on_ray = run(write_spec(spec.replace("name: less_local", "name: less_ray") + "executor: {kind: ray}\n"))
+    stats = on_ray.points[0].steps["pick"].stats
+    # 2 workers: slices of max(64, 130 / 8) examples: 64, 64, 2
+    assert stats["executor"] == "ray" and stats["shards"] == 3, stats
+    key = local.points[0].plan.by_name("pick").key
+    assert key == on_ray.points[0].plan.by_name("pick").key
+    for side in ("main", "scores"):
+        a = local.workspace.table_path(key, side).read_bytes()
+        b = on_ray.workspace.table_path(key, side).read_bytes()
+        assert a == b, side

@@ -136,18 +136,56 @@ def test_generation_requests_on_ray_write_the_tables_of_a_local_run(write_spec, 
 
     from fake_openai_server import FakeServer
 
-    with FakeServer() as server:
+    with FakeServer(delay_s=0.2) as server:
         spec = f"""\
 name: gen_local
 tracking: {{enabled: false}}
 steps:
   genqa:
-    generate: {{model: fake-model, backend: openai, openai: {{base_url: "{server.base_url}"}},
+    generate: {{model: fake-model, backend: openai, openai: {{base_url: "{server.base_url}", max_in_flight: 4}},
                prompts: [general, math], n: 24, temperature: 0.7}}
 """
         local = datamill.run(write_spec(spec))
+        server.max_concurrent = 0
         on_ray = datamill.run(write_spec(spec.replace("gen_local", "gen_ray") + "executor: {kind: ray}\n"))
+        # max_in_flight is the total on Ray too: the tasks running at once share it
+        assert 2 <= server.max_concurrent <= 4
     stats = on_ray.points[0].steps["genqa"].stats
     assert stats["executor"] == "ray" and stats["shards"] >= 2
     for table in ("genqa", "genqa__rejected"):
         assert pl.read_parquet(on_ray.tables[table]).equals(pl.read_parquet(local.tables[table])), table
+
+
+def test_max_in_flight_is_shared_by_the_tasks_running_at_once():
+    from datagen.generate_step import GenerateConfig, GenerateStep
+
+    cfg = GenerateConfig.model_validate({"model": "m", "backend": "openai", "prompts": ["general"], "n": 4,
+                                         "openai": {"max_in_flight": 64}})
+    assert GenerateStep._per_task(cfg, 3).openai.max_in_flight == 22
+    assert GenerateStep._per_task(cfg, 100).openai.max_in_flight == 1
+    assert cfg.openai.max_in_flight == 64  # the step's own config is left as it is
+
+
+def test_a_step_waiting_for_ray_lets_another_points_step_work_here():
+    """Sweep points on Ray run in threads; only one step works in this process at a time, and it
+    lets go while it waits for Ray (datamill/shards.py)."""
+    import threading
+
+    from datamill.shards import RayShards
+
+    work = threading.Lock()
+    shards = RayShards(work_lock=work)
+    other_ran = threading.Event()
+
+    def other_point():
+        with work:
+            other_ran.set()
+
+    with work:
+        thread = threading.Thread(target=other_point)
+        thread.start()
+        assert not other_ran.wait(0.2)  # held: the other point waits
+        with shards.released():
+            assert other_ran.wait(5)  # waiting for Ray: the other point's step works
+        thread.join()
+    assert not work.locked()

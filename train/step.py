@@ -115,8 +115,10 @@ class TrainStep(Step):
         cfg = self.config
         if ctx.shards.kind == "ray":
             shards = ctx.shards
-            launch_ray(shards.ray, job_path, num_processes=cfg.launch.num_processes, device=cfg.device,
-                       num_cpus=shards.num_cpus, num_gpus=shards.num_gpus, storage=job_path.parent / "ray-train")
+            ray = shards.ray
+            with shards.released():  # Ray Train works; another sweep point may use this process
+                launch_ray(ray, job_path, num_processes=cfg.launch.num_processes, device=cfg.device,
+                           num_cpus=shards.num_cpus, num_gpus=shards.num_gpus, storage=job_path.parent / "ray-train")
             ctx.stats["launcher"] = "ray-train"
         else:
             config_file = self._config_file(ctx.env.base_dir)
