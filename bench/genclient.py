@@ -26,8 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from machine import start_fake_server  # bench/machine.py (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 N_REQUESTS = 5000
@@ -151,18 +152,6 @@ def run_datamill(base_url: str, n: int, in_flight: int) -> float:
 
 # ---- orchestration ----
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_openai_server.py")],
-                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    base_url = server.stdout.readline().strip()
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(base_url + "/models", timeout=1).read()
-            return server, base_url
-        except OSError:
-            time.sleep(0.05)
-    server.kill()
-    raise RuntimeError("fake server did not answer")
 
 
 def measure(client: str, base_url: str, in_flight: int) -> float:
@@ -187,7 +176,7 @@ def machine() -> dict:
 
 def main() -> None:
     load_before = os.getloadavg()[0]
-    server, base_url = start_server()
+    server, base_url = start_fake_server()
     runs: dict[str, dict[str, list[float]]] = {}
     try:
         for in_flight in IN_FLIGHT:

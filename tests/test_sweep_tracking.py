@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import datamill
+from datamill.errors import StepFailed
 
 SWEEP = """\
 name: swept
@@ -110,3 +113,33 @@ def test_an_unchanged_rerun_adds_no_mlflow_runs_until_the_store_changes(write_sp
     # a changed spec is a new plan: it runs and logs as always
     changed = datamill.run(path, ["steps.clean.dedup.exact=false"])
     assert changed.executed and not changed.logged_before
+
+
+@pytest.mark.slow  # needs the ray extra, which CI installs for the slow suite (it takes seconds)
+def test_sweep_points_on_ray_run_at_once_with_shared_steps_once_and_the_tables_of_a_local_run(write_spec):
+    """executor: ray runs the points in threads. These steps shard nothing, so Ray itself never
+    starts: what is tested is the points' concurrency (shared steps once, same tables, runs)."""
+    from mlflow import MlflowClient
+
+    pytest.importorskip("ray")
+    local = datamill.run(write_spec(SWEEP))
+    together = datamill.run(write_spec(SWEEP.replace("name: swept", "name: together") + "executor: {kind: ray}\n"))
+    ran = [item.split("@")[0] for item in together.executed]
+    assert ran.count("tasks") == 1 and ran.count("pool") == 1 and ran.count("clean") == 2 and ran.count("pick") == 4
+    assert [p.label for p in together.points] == [p.label for p in local.points]
+    for a, b in zip(local.points, together.points):
+        for name in ("clean", "pick"):
+            key = a.plan.by_name(name).key
+            assert key == b.plan.by_name(name).key
+            assert local.workspace.table_path(key).read_bytes() == together.workspace.table_path(key).read_bytes()
+    client = MlflowClient(tracking_uri=together.tracking_location)
+    runs = client.search_runs([client.get_experiment_by_name("together").experiment_id])
+    assert len(runs) == 5 and all(r.info.status == "FINISHED" for r in runs)
+
+    # one point fails: the others finish, the failure is raised, the parent run is FAILED
+    failing = SWEEP.replace('"SELECT * FROM clean LIMIT 5"', '"SELECT error(\'boom\') FROM clean"')
+    with pytest.raises(StepFailed, match="boom"):
+        datamill.run(write_spec(failing.replace("name: swept", "name: failing") + "executor: {kind: ray}\n"))
+    runs = client.search_runs([client.get_experiment_by_name("failing").experiment_id])
+    statuses = sorted(r.info.status for r in runs)
+    assert statuses == ["FAILED", "FAILED", "FAILED", "FINISHED", "FINISHED"]  # 2 points + the parent
