@@ -524,7 +524,7 @@ def test_requests_in_executor_shards_write_the_table_of_one_pass(spec_dir, fake,
     plain = run(write(spec_dir, 40))
     other = tmp_path_factory.mktemp("sharded")
     shutil.copytree(spec_dir / "model", other / "model")
-    monkeypatch.setattr(executor, "make_shards", lambda config: Slicing())
+    monkeypatch.setattr(executor, "make_shards", lambda config, work_lock=None: Slicing())
     sharded = run(write(other, 40))
     stats = sharded.points[0].steps["genqa"].stats
     assert stats["executor"] == "test-slices" and stats["shards"] == 8  # 40 requests, 4 shards per worker
