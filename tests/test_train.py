@@ -555,18 +555,21 @@ def test_a_learning_rate_sweep_tokenises_once(write_spec, cached_models):
 # --------------------------------------------------------------------------- several processes
 
 
-LAUNCH_SETTINGS = "      max_steps: 3\n      lora: {r: 4, dropout: 0.0}\n      packing: off\n      lr: 0.01\n"
+# 36 rows in micro-batches of 4: 9 per epoch, steps of 4 + 4 + 1, so in the last step one of two
+# processes has no micro-batch of its own (and must still join DDP's all-reduce)
+LAUNCH_SETTINGS = "      epochs: 1\n      lora: {r: 4, dropout: 0.0}\n      packing: off\n      lr: 0.01\n"
 
 
 def test_launch_runs_the_step_in_two_processes_with_the_weights_of_one(write_spec, cached_models):
     """`launch: {num_processes: 2}` runs `accelerate launch` (2 CPU processes, gloo) x 2 micro-batches
-    per step: the weights of one process x 4, the per-step log in the table and in MLflow."""
+    per step: the weights of one process x 4 (a last step of one micro-batch included), the
+    per-step log in the table and in MLflow."""
     from mlflow import MlflowClient
 
-    spec = train_spec(write_spec, LAUNCH_SETTINGS + "      grad_accum: 2\n      launch: {num_processes: 2}\n", n=40)
+    spec = train_spec(write_spec, LAUNCH_SETTINGS + "      grad_accum: 2\n      launch: {num_processes: 2}\n", n=36)
     spec.write_text(spec.read_text().replace("tracking: {enabled: false}\n", ""))
     launched = run(spec)
-    one = run(train_spec(write_spec, LAUNCH_SETTINGS + "      grad_accum: 4\n", n=40))
+    one = run(train_spec(write_spec, LAUNCH_SETTINGS + "      grad_accum: 4\n", n=36))
     record = launched.points[-1].steps["sft"]
     assert record.stats["processes"] == 2 and record.stats["launcher"] == "accelerate"
     assert launched.table("sft__log")["step"].to_list() == [1, 2, 3]
@@ -599,13 +602,14 @@ def test_launch_on_a_ray_executor_trains_as_ray_train_workers(write_spec, cached
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
         spec = train_spec(write_spec, LAUNCH_SETTINGS + "      grad_accum: 2\n      launch: {num_processes: 2}\n",
-                          n=40)
+                          n=36)
         spec.write_text(spec.read_text() + "executor: {kind: ray}\n")
         launched = run(spec)
     finally:
         ray.shutdown()
-    one = run(train_spec(write_spec, LAUNCH_SETTINGS + "      grad_accum: 4\n", n=40))
+    one = run(train_spec(write_spec, LAUNCH_SETTINGS + "      grad_accum: 4\n", n=36))
     record = launched.points[-1].steps["sft"]
     assert record.stats["processes"] == 2 and record.stats["launcher"] == "ray-train"
+    assert launched.table("sft__log")["step"].to_list() == [1, 2, 3]
     a, b = _final_weights(record.model_dir), _final_weights(one.points[-1].steps["sft"].model_dir)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6

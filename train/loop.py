@@ -139,6 +139,11 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
             group = plan.steps[step]
             step_loss_tokens = sum(loss_counts[i] for mb in group for row in mb for i in row)
             mine = group[rank::world]
+            # A step with fewer micro-batches than processes (an epoch's last, say) leaves this one
+            # idle, but DDP's gradient all-reduce needs every process's backward: run the step's
+            # first micro-batch with its loss zeroed (it adds nothing to the gradient or the counts).
+            idle = not mine
+            mine = mine or group[:1]
             loss_sum = torch.zeros((), device=accelerator.device)
             slots = tokens = 0
             for i, mb in enumerate(mine):
@@ -152,7 +157,9 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
                     ce = _forward_loss(model, batch, select)
                     # Each micro-batch's summed CE over the step's loss tokens (all processes): the step's
                     # gradient is the exact per-token mean, however the tokens fall into micro-batches.
-                    accelerator.backward(ce * world / max(step_loss_tokens, 1))
+                    accelerator.backward(ce * (0.0 if idle else world / max(step_loss_tokens, 1)))
+                if idle:
+                    continue
                 loss_sum += ce.detach()
                 slots += batch["input_ids"].numel()
                 tokens += int((batch["seq_len"] > 0).sum())
