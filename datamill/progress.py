@@ -51,6 +51,9 @@ class _PlainBar:
         of = f"/{self.total}" if self.total is not None else ""
         print(f"  {self.desc}: {self.done}{of} {self.unit} ({rate:.1f} {self.unit}/s)", file=sys.stderr)
 
+    def set_total(self, total: int) -> None:
+        self.total = total
+
     def close(self) -> None:
         if time.monotonic() - self.start >= 1.0 and self.done != self.shown:  # not the same line twice
             self._line(time.monotonic())
@@ -71,17 +74,28 @@ class _RichBar:
         self.task = self.progress.add_task(desc, total=total, rate="")
         self.progress.start()
 
+    @property
+    def done(self) -> float:
+        return self.progress.tasks[0].completed
+
     def advance(self, n: int = 1) -> None:
         elapsed = max(time.monotonic() - self.start, 1e-9)
-        done = self.progress.tasks[0].completed + n
-        self.progress.update(self.task, advance=n, rate=f"{done / elapsed:.1f} {self.unit}/s")
+        self.progress.update(self.task, advance=n, rate=f"{(self.done + n) / elapsed:.1f} {self.unit}/s")
+
+    def set_total(self, total: int) -> None:
+        self.progress.update(self.task, total=total)
 
     def close(self) -> None:
         self.progress.stop()
 
 
 class _NullBar:
+    done = 0
+
     def advance(self, n: int = 1) -> None:
+        self.done += n
+
+    def set_total(self, total: int) -> None:
         pass
 
     def close(self) -> None:
@@ -90,7 +104,8 @@ class _NullBar:
 
 @contextmanager
 def bar(desc: str, total: int | None = None, unit: str = "rows"):
-    """`with bar("dedup", total=n) as b: ... b.advance()`."""
+    """`with bar("dedup", total=n) as b: ... b.advance()`; `b.done` so far; `b.set_total(n)` when
+    the total is learnt late."""
     if _quiet:
         b = _NullBar()
     elif sys.stderr.isatty() and not _plain:

@@ -613,3 +613,22 @@ def test_launch_on_a_ray_executor_trains_as_ray_train_workers(write_spec, cached
     assert launched.table("sft__log")["step"].to_list() == [1, 2, 3]
     a, b = _final_weights(record.model_dir), _final_weights(one.points[-1].steps["sft"].model_dir)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_the_live_log_of_launched_processes_is_followed_as_it_grows(tmp_path):
+    """The launching process reads the processes' live log while they run (progress, MLflow
+    metrics as they come): a half-written line waits, nothing is missed at the end."""
+    from train.launch import following
+
+    path, seen = tmp_path / "live.jsonl", []
+    path.write_text("stale line of a killed attempt\n")
+    with following(path, lambda total, start: seen.append(("header", total, start)),
+                   lambda step, metrics: seen.append((step, metrics["loss"])), every_s=0.05):
+        path.write_text('{"total_steps": 3, "start_step": 1}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+        deadline = time.monotonic() + 5
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen == [("header", 3, 1), (2, 1.5)]  # read while the block runs; the torn line not yet
+        with open(path, "a") as f:
+            f.write('ss": 0.5}\n')
+    assert seen == [("header", 3, 1), (2, 1.5), (3, 0.5)]

@@ -18,11 +18,14 @@ On a machine without CUDA the processes train on the CPU (gloo), which is how th
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 
 from datamill.errors import DatamillError
@@ -110,3 +113,42 @@ def _ray_worker(config: dict) -> None:
     if config["cpu"]:
         os.environ["ACCELERATE_USE_CPU"] = "1"
     train(TrainJob.load(Path(config["job"])))
+
+
+@contextmanager
+def following(path: Path, on_header, on_row, every_s: float = 1.0):
+    """While the block runs, read the launched run's live log (train.loop._LiveLog) as it grows:
+    `on_header(total_steps, start_step)` once, `on_row(step, metrics)` per logged step. The rest
+    is read when the block ends, so no row is missed."""
+    path.unlink(missing_ok=True)  # a killed attempt's log: the new run writes its own
+    stop = threading.Event()
+    position = 0
+
+    def read() -> None:
+        nonlocal position
+        if not path.is_file():
+            return
+        with open(path, "rb") as f:
+            f.seek(position)
+            for line in f:
+                if not line.endswith(b"\n"):  # being written: next time
+                    break
+                position += len(line)
+                row = json.loads(line)
+                if "total_steps" in row:
+                    on_header(row["total_steps"], row["start_step"])
+                else:
+                    on_row(row.pop("step"), row)
+
+    def follow() -> None:
+        while not stop.wait(every_s):
+            read()
+
+    thread = threading.Thread(target=follow, name="live-log", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        read()

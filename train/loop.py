@@ -38,6 +38,7 @@ class TrainJob:
     examples: str  # tokenised examples (parquet)
     out_dir: str  # the final model goes to out_dir/model, metrics to out_dir/log.jsonl
     state_dir: str  # resume checkpoints and per-epoch states while training
+    live_log: str | None = None  # launched runs: metrics rows appended here as they come (for the parent)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
@@ -71,8 +72,8 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
     # --- 1. Accelerator: device, mixed precision, processes ---
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=cfg.device == "cpu")
     world, rank = accelerator.num_processes, accelerator.process_index
-    if not accelerator.is_main_process:
-        progress.set_quiet(True)  # one progress bar for the run, not one per process
+    if not accelerator.is_main_process or job.live_log:
+        progress.set_quiet(True)  # one progress bar for the run: the parent's, from the live log
     set_seed(cfg.seed)
 
     # --- 2. Data: tokenised examples, their order for every epoch ---
@@ -122,6 +123,9 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
                                      f"from {checkpoint.name}")
 
     # --- 6. The loop ---
+    if job.live_log and accelerator.is_main_process:
+        live = _LiveLog(Path(job.live_log), total_steps, start_step)
+        log = live.chain(log)
     neftune_ctx = nullcontext(None)
     if cfg.neftune is not None:
         from train.neftune import neftune
@@ -215,6 +219,26 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
+
+
+class _LiveLog:
+    """A launched run's metrics for the process that launched it (which shows the progress and
+    logs to MLflow as they come): a first line {total_steps, start_step}, then one per logged row."""
+
+    def __init__(self, path: Path, total_steps: int, start_step: int):
+        self.path = path
+        self._write({"total_steps": total_steps, "start_step": start_step}, mode="w")
+
+    def _write(self, row: dict, mode: str = "a") -> None:
+        with open(self.path, mode) as f:
+            f.write(json.dumps(row) + "\n")
+
+    def chain(self, log):
+        def both(metrics: dict, step: int) -> None:
+            self._write({"step": step, **metrics})
+            if log is not None:
+                log(metrics, step)
+        return both
 
 
 # --------------------------------------------------------------------------- losses

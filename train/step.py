@@ -23,6 +23,7 @@ from pathlib import Path
 from datamill.errors import DatamillError, FieldError
 from datamill.step import Step
 from train.config import EXECUTION_ONLY, TrainConfig
+from train.launch import following, launch_local, launch_ray
 
 TOKENS_VERSION = "1"  # bump when tokenisation changes: cached token files are then rebuilt
 
@@ -82,18 +83,15 @@ class TrainStep(Step):
         _write_parquet_atomic(examples, tokens_file)
 
         job = TrainJob(config=cfg.model_dump(mode="json"), model_dir=str(model_dir), examples=str(tokens_file),
-                       out_dir=str(ctx.out_dir), state_dir=str(state))
+                       out_dir=str(ctx.out_dir), state_dir=str(state),
+                       live_log=str(state / "live.jsonl") if cfg.launch else None)
         job.save(state / "job.json")  # the same job runs under `accelerate launch -m train.loop job.json`
         if cfg.launch is None:
             summary = train(job, log=ctx.log_metrics, progress_desc=f"{ctx.name}: train")
-            history = _read_jsonl(Path(ctx.out_dir) / "log.jsonl")
         else:
-            self._launch(ctx, state / "job.json")
+            self._launch(ctx, state / "job.json", Path(job.live_log))
             summary = json.loads((Path(ctx.out_dir) / "summary.json").read_text())
-            history = _read_jsonl(Path(ctx.out_dir) / "log.jsonl")
-            for row in history:  # the processes could not log to MLflow: their log, step by step
-                if row["step"] % cfg.log_every == 0 or "eval_loss" in row or row is history[-1]:
-                    ctx.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
+        history = _read_jsonl(Path(ctx.out_dir) / "log.jsonl")
 
         ctx.write(examples.drop("input_ids", "labels", "table").rename({"table_name": "table"}))
         ctx.write(pl.DataFrame(history, infer_schema_length=None), "log")
@@ -106,10 +104,27 @@ class TrainStep(Step):
         if cfg.log_model:
             ctx.log_artifact(Path(ctx.model_dir), f"{ctx.name}/model")
 
-    def _launch(self, ctx, job_path: Path) -> None:
+    def _launch(self, ctx, job_path: Path, live_log: Path) -> None:
         """The job in `launch.num_processes` processes: Ray Train workers on a Ray executor, else
-        `accelerate launch` on this machine (train/launch.py)."""
-        from train.launch import launch_local, launch_ray
+        `accelerate launch` on this machine (train/launch.py). The processes' live log drives the
+        progress bar here and reaches MLflow as it comes."""
+        from datamill import progress
+
+        with progress.bar(f"{ctx.name}: train", unit="steps") as bar:
+            def header(total: int, start: int) -> None:
+                bar.set_total(total)
+                bar.advance(start - bar.done)
+                if start:
+                    progress.console().print(f"  resuming {ctx.name} at step {start}/{total}")
+
+            def row(step: int, metrics: dict) -> None:
+                bar.advance(step - bar.done)
+                ctx.log_metrics(metrics, step)
+
+            with following(live_log, header, row):
+                self._start_processes(ctx, job_path)
+
+    def _start_processes(self, ctx, job_path: Path) -> None:
         from train.loop import _mixed_precision
 
         cfg = self.config
