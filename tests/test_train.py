@@ -476,6 +476,7 @@ def _job(tmp_path, tiny, tokenizer, name: str, **config) -> Path:
     return tmp_path / f"{name}.json"
 
 
+@pytest.mark.slow  # the spec-level launch test below covers the same through `accelerate launch`
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny, tokenizer, tmp_path):
     """torchrun (what `accelerate launch` runs) with 2 CPU processes x 2 micro-batches per step
     gives the weights of 1 process x 4: every process knows the plan and the step's token count."""
