@@ -62,6 +62,7 @@ def test_mmlu_prompts_parse_into_questions_with_their_answer():
     assert docs[0]["choices"] == ["1", "2", "3", "4"] and docs[0]["label"] == 1
 
 
+@pytest.mark.slow  # the lm_eval CLI indexes its ~15k tasks: ~35 s
 def test_a_shipped_task_scores_the_same_through_datamill_and_the_lm_eval_cli(tiny, tmp_path):
     from evals.harness import evaluate, hf_model
 
@@ -236,6 +237,7 @@ LONG_PARAGRAPHS = [
     for p in range(6)]
 
 
+@pytest.mark.slow  # ~25 s
 def test_long_context_is_zero_for_a_model_that_ignores_context_and_not_for_a_real_one(tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

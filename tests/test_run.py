@@ -162,6 +162,7 @@ def test_run_from_a_dict_and_the_cli_exit_codes(write_spec):
     assert out.returncode == 2 and "unknown key 'nope'" in out.stderr
 
 
+@pytest.mark.slow  # starts an MLflow server: ~20 s
 def test_ui_command_serves_the_spec_store_and_stops_on_ctrl_c(write_spec):
     import re
     import urllib.request
