@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from datamill.errors import SpecError
+from datamill.errors import SpecError, StepFailed
 
 torch = pytest.importorskip("torch")
 
@@ -561,6 +561,18 @@ def test_a_learning_rate_sweep_tokenises_once(write_spec, cached_models):
 LAUNCH_SETTINGS = "      epochs: 1\n      lora: {r: 4, dropout: 0.0}\n      packing: off\n      lr: 0.01\n"
 
 
+def _trains_like_one_process(write_spec, launched, launcher: str):
+    """The launched run (2 processes x grad_accum 2) took 3 steps and ended with the weights of
+    one process x grad_accum 4; its step record."""
+    one = run(train_spec(write_spec, LAUNCH_SETTINGS + "      grad_accum: 4\n", n=36))
+    record = launched.points[-1].steps["sft"]
+    assert record.stats["processes"] == 2 and record.stats["launcher"] == launcher
+    assert launched.table("sft__log")["step"].to_list() == [1, 2, 3]
+    a, b = _final_weights(record.model_dir), _final_weights(one.points[-1].steps["sft"].model_dir)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    return record
+
+
 def test_launch_runs_the_step_in_two_processes_with_the_weights_of_one(write_spec, cached_models):
     """`launch: {num_processes: 2}` runs `accelerate launch` (2 CPU processes, gloo) x 2 micro-batches
     per step: the weights of one process x 4 (a last step of one micro-batch included), the
@@ -570,19 +582,13 @@ def test_launch_runs_the_step_in_two_processes_with_the_weights_of_one(write_spe
     spec = train_spec(write_spec, LAUNCH_SETTINGS + "      grad_accum: 2\n      launch: {num_processes: 2}\n", n=36)
     spec.write_text(spec.read_text().replace("tracking: {enabled: false}\n", ""))
     launched = run(spec)
-    one = run(train_spec(write_spec, LAUNCH_SETTINGS + "      grad_accum: 4\n", n=36))
-    record = launched.points[-1].steps["sft"]
-    assert record.stats["processes"] == 2 and record.stats["launcher"] == "accelerate"
-    assert launched.table("sft__log")["step"].to_list() == [1, 2, 3]
-    a, b = _final_weights(record.model_dir), _final_weights(one.points[-1].steps["sft"].model_dir)
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    record = _trains_like_one_process(write_spec, launched, "accelerate")
     client = MlflowClient(tracking_uri=launched.tracking_location)
     assert len(client.get_metric_history(launched.run_id, "sft.loss")) == 3
     assert (record.model_dir.parent / "loss_curve.png").is_file()
 
 
 def test_launch_errors_name_the_field_or_show_the_processes_output(write_spec, cached_models):
-    from datamill.errors import StepFailed
 
     spec = train_spec(write_spec, "      launch: {num_processes: 2, config_file: nowhere.yaml}\n", n=10)
     with pytest.raises(SpecError, match=r"launch\.config_file.*not found"):
@@ -606,14 +612,15 @@ def test_launch_on_a_ray_executor_trains_as_ray_train_workers(write_spec, cached
                           n=36)
         spec.write_text(spec.read_text() + "executor: {kind: ray}\n")
         launched = run(spec)
+        # an FSDP/DeepSpeed config that Ray Train would not use is an error, not silently DDP
+        spec.parent.joinpath("fsdp.yaml").write_text("distributed_type: FSDP\n")
+        spec.write_text(spec.read_text().replace("launch: {num_processes: 2}",
+                                                  "launch: {num_processes: 2, config_file: fsdp.yaml}"))
+        with pytest.raises(StepFailed, match="not used by Ray Train"):
+            run(spec)
     finally:
         ray.shutdown()
-    one = run(train_spec(write_spec, LAUNCH_SETTINGS + "      grad_accum: 4\n", n=36))
-    record = launched.points[-1].steps["sft"]
-    assert record.stats["processes"] == 2 and record.stats["launcher"] == "ray-train"
-    assert launched.table("sft__log")["step"].to_list() == [1, 2, 3]
-    a, b = _final_weights(record.model_dir), _final_weights(one.points[-1].steps["sft"].model_dir)
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    _trains_like_one_process(write_spec, launched, "ray-train")
 
 
 def test_the_live_log_of_launched_processes_is_followed_as_it_grows(tmp_path):

@@ -64,7 +64,7 @@ class LaunchConfig(StepConfig):
     config_file: Optional[str] = None
     """An Accelerate config file (relative to the spec) for FSDP or DeepSpeed; absent: DDP.
     Its `num_processes` and `mixed_precision` are overridden by ours and by `precision`.
-    Not used on a Ray executor (Ray Train runs DDP)."""
+    An error on a Ray executor (Ray Train runs DDP)."""
 
 
 class TrainConfig(StepConfig):

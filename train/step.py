@@ -129,6 +129,9 @@ class TrainStep(Step):
 
         cfg = self.config
         if ctx.shards.kind == "ray":
+            if cfg.launch.config_file:  # silently running DDP instead would surprise a user who asked for FSDP
+                raise DatamillError("launch.config_file (an Accelerate FSDP/DeepSpeed config) is not used by "
+                                    "Ray Train, which runs DDP: remove it, or run with executor: local")
             shards = ctx.shards
             ray = shards.ray
             with shards.released():  # Ray Train works; another sweep point may use this process
