@@ -9,7 +9,7 @@ padding. One extra row samples (temperature 0.7, top_p 0.95) through the per-req
 sampler, to show what reproducible sampling costs.
 
 Run:  .venv/bin/python bench/genlocal.py      (a few minutes on 2 cores; writes bench/genlocal.json and .md)
-Uses DATAMILL_MODEL_CACHE if set, else examples/.datamill/models (built once, ~30 s).
+Uses datamill's model cache (DATAMILL_MODEL_CACHE, else ~/.cache/datamill/models; built once, ~30 s).
 """
 
 from __future__ import annotations
@@ -73,10 +73,10 @@ def main() -> None:
 
     from datamill import progress
     from datamill.models import resolve_model
+    from datamill.workspace import model_cache_dir
 
     progress.set_quiet(True)
-    cache = Path(os.environ.get("DATAMILL_MODEL_CACHE") or ROOT / "examples" / ".datamill" / "models")
-    folder = resolve_model("builtin:smollm2-135m-instruct", base_dir=ROOT, cache_dir=cache)
+    folder = resolve_model("builtin:smollm2-135m-instruct", base_dir=ROOT, cache_dir=model_cache_dir())
     load_before = os.getloadavg()
     runs = {}
     runs["peer: HF model.generate, batch 1"] = peer_batch1(folder, requests(SMALL))

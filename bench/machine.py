@@ -25,11 +25,11 @@ def cpu_name() -> str:
 
 
 def model_cache() -> Path:
-    """The cache `datamill run examples/...` uses ($DATAMILL_MODEL_CACHE, else examples/.datamill/models):
-    a builtin converted by the demo is not converted again for a benchmark."""
+    """The cache `datamill run` uses (workspace.model_cache_dir): a builtin converted by the demo
+    is not converted again for a benchmark."""
     from datamill.workspace import model_cache_dir
 
-    return model_cache_dir(ROOT / "examples" / ".datamill" / "bench")
+    return model_cache_dir()
 
 
 def start_fake_server(delay_s: float | None = None) -> tuple[subprocess.Popen, str]:

@@ -15,7 +15,13 @@ def load(spec, overrides: list[str] | None = None) -> LoadedSpec:
     if isinstance(spec, dict):
         import yaml
 
-        loaded = LoadedSpec(doc=parse_yaml(yaml.safe_dump(spec, sort_keys=False), "<spec dict>"),
+        # Through YAML like a file, so that positions, duplicate checks and size limits apply alike.
+        try:
+            text = yaml.safe_dump(spec, sort_keys=False)
+        except yaml.YAMLError as e:  # e.g. a Path or a set among the values
+            raise SpecError(f"<spec dict>: a spec dict may hold only str, int, float, bool, None, "
+                            f"lists and dicts: {e}") from None
+        loaded = LoadedSpec(doc=parse_yaml(text, "<spec dict>"),
                             path=Path.cwd() / "<spec dict>", overrides=parse_overrides(overrides or []))
         return loaded
     if not isinstance(spec, (str, Path)):

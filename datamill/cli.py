@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -26,12 +27,25 @@ _state = {"debug": False}
 
 SpecArg = typer.Argument(..., help="Path to the YAML spec.", show_default=False)
 SetOpt = typer.Option(None, "--set", help="Override a field: --set steps.clean.dedup.exact=false (repeatable).")
+PointOpt = typer.Option(None, "--point", help="One sweep point: its label (method=zipfit) or KEY=VALUE pairs "
+                        "that match one point.", show_default=False)
+GLOBAL_FLAGS = ("--debug", "--quiet", "-q")  # accepted after the subcommand too (see main)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from datamill import __version__
+
+        typer.echo(f"datamill {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
 def _options(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    version: bool = typer.Option(False, "--version", help="Print datamill's version and exit.", is_eager=True,
+                                 callback=_print_version),
 ) -> None:
     _state["debug"] = debug
     progress.set_quiet(quiet)
@@ -57,16 +71,23 @@ def plan(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt) -> None:
     from datamill.plan import describe
 
     console = Console()
+    statuses = {"cached": "[green]cached[/green]", "to run": "[yellow]to run[/yellow]",
+                "damaged": "[red]to run (damaged)[/red]"}
     for p in plans(spec, set_):
         title = f"{p.resolved.spec.name}" + (f"  [{p.resolved.label}]" if p.resolved.label else "")
         table = Table(title=title, title_justify="left")
         for col in ("step", "kind", "status", "rows", "reads", "key"):
             table.add_column(col, no_wrap=col in ("step", "status", "key"))
-        for row in describe(p):
+        described = describe(p)
+        for row in described:
             rows = ", ".join(f"{n}" if t == "main" else f"{t}: {n}" for t, n in row["rows"].items())
-            status = "[green]cached[/green]" if row["status"] == "cached" else "[yellow]to run[/yellow]"
-            table.add_row(row["name"], row["kind"], status, rows, ", ".join(row["deps"]), row["key"][:12])
+            table.add_row(row["name"], row["kind"], statuses[row["status"]], rows, ", ".join(row["deps"]),
+                          row["key"][:12])
         console.print(table)
+        for row in described:
+            if row["damaged"]:
+                console.print(f"damaged: {row['name']}: {row['damaged']} (the next run runs it again)",
+                              markup=False, highlight=False)
     console.print(f"workspace: {p.workspace.root}")
 
 
@@ -85,11 +106,17 @@ def run(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt, executor: Opti
     console = progress.console()
     if len(result.points) > 1:
         _print_comparison(console, result)
+    else:
+        _print_results(console, result)
+    _print_models(console, result)
     ran = len(result.executed)
     total = sum(len(p.steps) for p in result.points)
     note = "everything was cached" if ran == 0 else f"{ran} step{'s' if ran != 1 else ''} ran, {total - ran} cached"
     console.print(f"[bold green]finished[/bold green]: {note}")
-    console.print(f"tables: datamill sql {spec} \"SELECT * FROM <table>\"   (catalog: {result.workspace.catalog_path})")
+    sets = "".join(f" --set {shlex.quote(o)}" for o in set_ or [])
+    point = " --point LABEL" if len(result.points) > 1 else ""
+    console.print(f"tables: datamill sql {spec}{sets}{point} \"SELECT * FROM <table>\"   "
+                  f"(catalog: {result.workspace.catalog_path})", markup=False)
     if result.run_id:
         again = " (logged by the earlier run: nothing new)" if result.logged_before else ""
         console.print(f"MLflow: {result.tracking_location}  run {result.run_id}{again}   open it with: datamill ui {spec}")
@@ -120,6 +147,46 @@ def _print_comparison(console, result) -> None:
             name = label.split("=", 1)[1] if key else label
         table.add_row(name, *("" if v is None else f"{v:.4g}" for v in row))
     console.print(table)
+
+
+def _print_results(console, result) -> None:
+    """A single run's headline numbers: each step's comparison metrics (evaluate: every task's
+    metrics; select: its target precision) and each trained model's final losses."""
+    from rich.table import Table
+
+    from datamill.executor import comparison
+
+    compared = comparison(result)
+    rows = [(*column.split(".", 1), value) for column, value in zip(compared.columns, compared.values[0])
+            if value is not None] if compared.values else []
+    for name, record in result.points[0].steps.items():
+        if record.model_dir is not None:
+            rows += [(name, loss, record.stats[loss]) for loss in ("final_loss", "final_eval_loss")
+                     if isinstance(record.stats.get(loss), (int, float))]
+    if not rows:
+        return
+    table = Table(title="results", title_justify="left")
+    table.add_column("step", no_wrap=True)
+    table.add_column("metric", overflow="fold")
+    table.add_column("value", justify="right")
+    for step, metric, value in rows:
+        table.add_row(step, metric, f"{value:.4g}")
+    console.print(table)
+
+
+def _print_models(console, result) -> None:
+    """Where each trained model is: a folder to load or pass on (`datamill path SPEC STEP` prints it)."""
+    from rich.markup import escape
+
+    seen = set()
+    for point in result.points:
+        for name, record in point.steps.items():
+            if record.model_dir is None or record.key in seen:
+                continue
+            seen.add(record.key)
+            shared = all(p.steps.get(name) is not None and p.steps[name].key == record.key for p in result.points)
+            where = "" if shared or not point.label else f" \\[{escape(point.label)}]"
+            console.print(f"model {escape(name)}{where}: {escape(str(record.model_dir))}")
 
 
 def _short_names(columns: list[str]) -> list[str]:
@@ -188,7 +255,8 @@ def eval_(models: str = typer.Option(..., "--models", help="Comma-separated mode
         table.add_row(column.split(".", 1)[1], *("" if row[j] is None else f"{row[j]:.4g}" for row in values))
     console = progress.console()
     console.print(table)
-    console.print(f"spec: {spec}   tables: datamill sql {spec} \"SELECT * FROM <step>\"")
+    point = " --point LABEL" if len(refs) > 1 else ""
+    console.print(f"spec: {spec}   tables: datamill sql {spec}{point} \"SELECT * FROM <step>\"", markup=False)
     if result.run_id:
         console.print(f"MLflow: {result.tracking_location}  parent run {result.run_id}   open it with: datamill ui {spec}")
 
@@ -196,22 +264,23 @@ def eval_(models: str = typer.Option(..., "--models", help="Comma-separated mode
 @app.command()
 def lineage(spec: Path = SpecArg, row_id: str = typer.Argument(..., help="A row's id (the `id` column)."),
             as_json: bool = typer.Option(False, "--json", help="Print the hits as JSON lines."),
-            set_: Optional[List[str]] = SetOpt) -> None:
+            set_: Optional[List[str]] = SetOpt, point: Optional[str] = PointOpt) -> None:
     """Where a row came from and went: generation, each selector's decision, the models that saw
     it, eval results (and, for a training row, the eval examples nearest to it)."""
-    from datamill.errors import DatamillError
+    from rich.console import Console
+    from rich.markup import escape
+
     from datamill.lineage import lineage as find
 
-    hits = find(spec, row_id, set_)
+    hits = find(spec, row_id, set_, point)
     if not hits:
         raise DatamillError(f"no table of {spec}'s workspace holds a row with id {row_id!r} (run the spec first?)")
     if as_json:
         for hit in hits:
             typer.echo(json.dumps(hit, ensure_ascii=False, default=str))
         return
-    console = progress.console()
-    from rich.markup import escape
-
+    # the report is the command's output: stdout, for `| less` and `> file` (colour only on a terminal)
+    console = Console(highlight=False, soft_wrap=True)
     shown: dict[str, dict] = {}  # point ("" = shared steps) -> what its earlier tables said about the row
     for hit in hits:
         where = f"\\[{escape(hit['point'])}] " if hit["point"] else ""
@@ -225,25 +294,77 @@ def lineage(spec: Path = SpecArg, row_id: str = typer.Argument(..., help="A row'
             if not fields:
                 console.print("    (the row as above)", style="dim")
         for column, value in fields.items():
-            console.print(f"    {column}: {value}", markup=False, highlight=False)
+            console.print(f"    {column}: {value}", markup=False)
 
 
 @app.command()
-def sql(spec: Path = SpecArg, query: str = typer.Argument(..., help="A SELECT over the catalog's tables."),
+def sql(spec: Path = SpecArg, query: str = typer.Argument(..., help="A SELECT over the spec's tables."),
         limit: int = typer.Option(50, help="Rows to print."),
-        set_: Optional[List[str]] = SetOpt) -> None:
-    """Query the tables of a spec's workspace with DuckDB SQL."""
+        set_: Optional[List[str]] = SetOpt, point: Optional[str] = PointOpt) -> None:
+    """Query the tables of the spec as given (--set, --point) with DuckDB SQL. Each table is a view by
+    its name; a sweep adds "<table>@<label>" views (quote them) for every point's tables."""
+    import duckdb
     import polars as pl
 
-    from datamill.api import load
-    from datamill.workspace import Workspace
+    from datamill.api import plans
+    from datamill.plan import table_views
+    from datamill.steps.sql import sandboxed_duckdb
 
-    ws = Workspace(load(spec, set_).points()[0].workspace_root)
-    df = ws.sql(query)
+    views, missing = table_views(plans(spec, set_), point, set_)
+
+    def check(name: str) -> None:  # a table of the spec that is not there: say why, not just "no table"
+        if name.lower() in missing and name not in views:
+            raise DatamillError(missing[name.lower()])
+
+    try:
+        referenced = duckdb.get_table_names(query)
+    except duckdb.ParserException as e:
+        raise DatamillError(str(e)) from None
+    except duckdb.Error:  # some queries (JOIN ... USING) cannot be read without their tables: see below
+        referenced = set()
+    for name in referenced:
+        check(name)
+    con = sandboxed_duckdb(views)  # reads only these parquet files, writes nothing
+    try:
+        relation = con.sql(query)
+        df = relation.pl() if relation is not None else None
+    except duckdb.Error as e:  # the user's SQL: DuckDB's own message and hint
+        unknown = re.match(r"Catalog Error: Table with name (\S+) does not exist", str(e))
+        if unknown:
+            check(unknown.group(1))
+        raise DatamillError(str(e)) from None
+    finally:
+        con.close()
+    if df is None:
+        return
     with pl.Config(tbl_rows=limit, fmt_str_lengths=80, tbl_width_chars=160):
         typer.echo(df.head(limit))
     if df.height > limit:
         typer.echo(f"({df.height} rows; showing {limit})")
+
+
+@app.command("path")
+def path_(spec: Path = SpecArg, step: str = typer.Argument(..., help="A step's name.", show_default=False),
+          set_: Optional[List[str]] = SetOpt, point: Optional[str] = PointOpt) -> None:
+    """Print a step's output folder: a training step's model folder, else the folder holding its
+    tables/. Only the path, so that `$(datamill path spec.yaml sft)` works."""
+    from datamill.api import plans
+    from datamill.errors import SpecError
+    from datamill.plan import find_step, not_run
+
+    all_plans = plans(spec, set_)
+    found = find_step(all_plans, step, point)
+    if found is None:
+        labels = ", ".join(p.resolved.label for p in all_plans)
+        raise SpecError(f"step '{step}' differs between the sweep's points: choose one with --point (one of: {labels})")
+    plan, ps = found
+    if not plan.workspace.is_cached(ps.key):
+        of = f" (point {plan.resolved.label})" if point else ""
+        damage = plan.workspace.damaged(ps.key)
+        raise DatamillError(not_run(all_plans, f"step '{step}'{of}", set_) +
+                            (f"; its earlier output is damaged: {damage}" if damage else ""))
+    folder = plan.workspace.step_dir(ps.key)
+    typer.echo(folder / "model" if ps.step.produces_model else folder)
 
 
 @app.command()
@@ -277,9 +398,36 @@ def schema(output: Optional[Path] = typer.Option(None, "--output", "-o", help="W
         typer.echo(text, nl=False)
 
 
+def _global_flags_first(args: list[str]) -> list[str]:
+    """`datamill validate spec.yaml --debug` read as `datamill --debug validate spec.yaml` (click
+    reads a group's options only before the subcommand). An option's value (`--set --debug`) and
+    whatever follows `--` stay where they are."""
+    start = next((i for i, arg in enumerate(args) if not arg.startswith("-")), None)
+    sub = typer.main.get_command(app).commands.get(args[start]) if start is not None else None
+    if sub is None:
+        return args
+    takes_value = {name for param in sub.params if param.param_type_name == "option" and not param.is_flag
+                   and not param.count for name in param.opts}
+    moved, rest, i = [], [], start + 1
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg in GLOBAL_FLAGS:
+            moved.append(arg)
+        else:
+            rest.append(arg)
+            if arg in takes_value and i + 1 < len(args):  # its value, whatever it looks like
+                i += 1
+                rest.append(args[i])
+        i += 1
+    return args[:start] + moved + [args[start]] + rest
+
+
 def main() -> None:
     try:
-        app()
+        app(args=_global_flags_first(sys.argv[1:]))
     except DatamillError as e:
         if _state["debug"]:
             raise

@@ -24,7 +24,7 @@ from datamill.secrets import redact_config, scrub
 from datamill.shards import make_shards
 from datamill.step import StepContext, write_json_atomic
 from datamill.tracker import NullTracker, StepRecord, TableRecord
-from datamill.workspace import Workspace, model_cache_dir
+from datamill.workspace import Workspace, model_cache_dir, model_files
 
 
 @dataclass
@@ -86,94 +86,96 @@ def execute(plans: list[Plan], tracker=None) -> RunResult:
     first = plans[0]
     workspace = first.workspace
     spec = first.resolved.spec
-    experiment = spec.tracking.experiment or spec.name
+    experiment = _experiment(first)
     lock = workspace.lock()
-    workspace.clean_tmp()
-    logged = _logged_before(plans) if tracker is None else None
-    if logged:  # nothing to run and MLflow already holds these results: don't log them twice
-        tracker = NullTracker()
-    else:
+    try:
+        workspace.clean_tmp()
         tracker = tracker or make_tracker(first)
         # we hold the workspace: any of its runs still RUNNING was left by a killed process
         tracker.close_stale_runs(experiment, str(workspace.root))
-    result = RunResult(workspace=workspace, run_id="", points=[], tracking_location=tracker.location())
-    sweep = len(plans) > 1 or bool(first.resolved.point)
-    parent = None
-    try:
-        if sweep:
-            parent = tracker.start_run(
-                experiment=experiment, run_name=f"{spec.name} (sweep of {len(plans)})", parent_run_id=None,
-                params=_params(first, sweep=True), tags=_tags(first, role="sweep"), spec_yaml=_spec_yaml(first))
-            result.run_id = parent
-        if spec.executor.kind == "ray" and len(plans) > 1:
-            _run_points_at_once(plans, tracker, experiment, parent, result)
-        else:
-            for plan in plans:
-                result.points.append(_run_point(plan, tracker, experiment, parent, result))
-                workspace.register(_views(plan))
-        result.run_id = result.run_id or result.points[0].run_id
-        if parent:
-            _log_comparison(result, tracker, parent)
-            tracker.end_run(parent, "FINISHED")
-    except BaseException as e:
-        if parent:
-            tracker.end_run(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
+        result = RunResult(workspace=workspace, run_id="", points=[], tracking_location=tracker.location())
+        logged = _logged_before(plans, tracker)
+        if logged:  # nothing to run and MLflow already holds these results: don't log them twice
+            tracker = NullTracker()
+        parent = None
+        try:
+            if _is_sweep(plans):
+                parent = tracker.start_run(
+                    experiment=experiment, run_name=f"{spec.name} (sweep of {len(plans)})", parent_run_id=None,
+                    params=_params(first, sweep=True), tags=_tags(first, role="sweep", digest=_sweep_digest(plans)),
+                    spec_yaml=_spec_yaml(first))
+                result.run_id = parent
+            if spec.executor.kind == "ray" and len(plans) > 1:
+                _run_points_at_once(plans, tracker, experiment, parent, result)
+            else:
+                for plan in plans:
+                    result.points.append(_run_point(plan, tracker, experiment, parent, result))
+                    workspace.register(_views(plan))
+            result.run_id = result.run_id or result.points[0].run_id
+            if parent:
+                _log_comparison(result, tracker, parent)
+                tracker.end_run(parent, "FINISHED")
+        except BaseException as e:
+            if parent:
+                tracker.end_run(parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
     finally:
         lock.close()
     if logged:
-        result.run_id, result.tracking_location, result.logged_before = logged["run_id"], logged["location"], True
-        for point, run_id in zip(result.points, logged["points"]):
+        result.run_id, point_runs = logged
+        result.logged_before = True
+        for point, run_id in zip(result.points, point_runs):
             point.run_id = run_id
-    elif result.run_id and not isinstance(tracker, NullTracker):
-        _remember_logged(plans, result)
     return result
 
 
+def _experiment(plan: Plan) -> str:
+    return plan.resolved.spec.tracking.experiment or plan.resolved.spec.name
+
+
+def _is_sweep(plans: list[Plan]) -> bool:
+    return len(plans) > 1 or bool(plans[0].resolved.point)
+
+
 # An unchanged re-run reuses every step; logging it again would only add copies of the same
-# runs to MLflow (and cost seconds of MLflow start-up). The workspace remembers what it logged,
-# per plan digest, with the sqlite store's modification time: a store that changed since (runs
-# deleted, other runs logged) gets the run logged again. Remote (http) stores always do.
+# runs to MLflow. Each run carries a digest of what it logged (DIGEST_TAG: the experiment, spec,
+# point and every step's key; a sweep's parent: its points'), so a re-run whose steps are all
+# cached asks MLflow for FINISHED runs with its digests and reuses them. Runs deleted since are
+# not found: the results are logged again.
+
+DIGEST_TAG = "datamill.digest"
 
 
-def _logged_digest(plans: list[Plan]) -> str:
+def _point_digest(plan: Plan) -> str:
     from datamill.hashing import hash_obj
 
-    uri, _ = tracking_target(plans[0])
-    return hash_obj([uri, plans[0].resolved.spec.tracking.experiment or plans[0].resolved.spec.name,
-                     [(p.resolved.label, [(s.name, s.key) for s in p.steps]) for p in plans]])
+    return hash_obj([_experiment(plan), plan.resolved.spec.name, plan.resolved.label,
+                     [(s.name, s.key) for s in plan.steps]])
 
 
-def _store_stamp(uri: str) -> float | None:
-    path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-    return path.stat().st_mtime if path is not None and path.exists() else None
+def _sweep_digest(plans: list[Plan]) -> str:
+    from datamill.hashing import hash_obj
+
+    return hash_obj([_experiment(plans[0]), [_point_digest(p) for p in plans]])
 
 
-def _logged_before(plans: list[Plan]) -> dict | None:
-    import json
-
+def _logged_before(plans: list[Plan], tracker) -> tuple[str, list[str]] | None:
+    """(the run id, each point's run id) of runs in the store that already hold exactly what
+    this run would log, or None (then it logs)."""
     ws = plans[0].workspace
-    if not plans[0].resolved.spec.tracking.enabled or not all(ws.is_cached(s.key) for p in plans for s in p.steps):
+    if not all(ws.is_cached(s.key) for p in plans for s in p.steps):
         return None
-    marker = ws.root / "logged" / f"{_logged_digest(plans)}.json"
-    try:
-        logged = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return None
-    stamp = _store_stamp(tracking_target(plans[0])[0])
-    return logged if stamp is not None and logged.get("store_mtime") == stamp else None
-
-
-def _remember_logged(plans: list[Plan], result: RunResult) -> None:
-    uri, _ = tracking_target(plans[0])
-    stamp = _store_stamp(uri)
-    if stamp is None:
-        return
-    folder = plans[0].workspace.root / "logged"
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / f"{_logged_digest(plans)}.json",
-                      {"run_id": result.run_id, "points": [p.run_id for p in result.points],
-                       "location": result.tracking_location, "store_mtime": stamp})
+    experiment = _experiment(plans[0])
+    if not _is_sweep(plans):
+        found = tracker.find_runs(experiment, {DIGEST_TAG: _point_digest(plans[0]), "datamill.role": "run"})
+        return (found[0][0], [found[0][0]]) if found else None
+    digests = [_point_digest(p) for p in plans]
+    for parent, _ in tracker.find_runs(experiment, {DIGEST_TAG: _sweep_digest(plans), "datamill.role": "sweep"}):
+        children = {tags.get(DIGEST_TAG): run_id
+                    for run_id, tags in tracker.find_runs(experiment, {"mlflow.parentRunId": parent})}
+        if all(d in children for d in digests):  # a child deleted since: not this parent
+            return parent, [children[d] for d in digests]
+    return None
 
 
 @dataclass
@@ -181,49 +183,89 @@ class Comparison:
     """A sweep's numbers side by side: a row per point, a column per "<step>.<metric>" of the
     steps that differ between points (Step.comparison_metrics). A step that is the same in
     every point but measures what a differing step measures (the base model evaluated like the
-    fine-tuned ones) adds a reference row, named after it."""
+    fine-tuned ones) adds a reference row, named after it. `errors`, shaped like `values`: each
+    number's standard error where the step's stats hold one beside it (None elsewhere)."""
 
     rows: list[str]
     columns: list[str]
     values: list[list[float | None]]
     references: set[str] = field(default_factory=set)
+    errors: list[list[float | None]] | None = None
 
 
 def comparison(result: RunResult) -> Comparison:
-    measured = []  # per point: step name -> (key, its comparison metrics)
+    measured = []  # per point: step name -> (key, its comparison metrics, their standard errors)
     for point in result.points:
         steps = {}
         for planned in point.plan.steps:
             record = point.steps.get(planned.name)
             metrics = planned.step.comparison_metrics(record.stats) if record is not None else {}
             if metrics:
-                steps[planned.name] = (planned.key, metrics)
+                errors = {m: _stderr(record.stats, m) for m in metrics}
+                steps[planned.name] = (planned.key, metrics, {m: e for m, e in errors.items() if e is not None})
         measured.append(steps)
     names = list(dict.fromkeys(name for steps in measured for name in steps))
     shared = [name for name in names if len(measured) > 1 and all(name in steps for steps in measured)
               and len({steps[name][0] for steps in measured}) == 1]
     varying = [name for name in names if name not in shared]
-    rows = [(point.label or point.run_id,
-             {f"{name}.{m}": v for name in varying if name in steps for m, v in sorted(steps[name][1].items())})
-            for point, steps in zip(result.points, measured)]
-    columns = list(dict.fromkeys(c for _, values in rows for c in values))
+    rows = []  # (label, column -> value, column -> standard error)
+    for point, steps in zip(result.points, measured):
+        values, errors = {}, {}
+        for name in (name for name in varying if name in steps):
+            _, metrics, stderrs = steps[name]
+            for m in sorted(metrics):
+                values[f"{name}.{m}"] = metrics[m]
+                if m in stderrs:
+                    errors[f"{name}.{m}"] = stderrs[m]
+        rows.append((point.label or point.run_id, values, errors))
+    columns = list(dict.fromkeys(c for _, values, _ in rows for c in values))
     references = set()
     for name in shared:
-        metrics = measured[0][name][1]
-        values = {f"{other}.{m}": v for other in varying for m, v in metrics.items() if f"{other}.{m}" in columns}
-        if values:
-            rows.append((name, values))
+        _, metrics, errors = measured[0][name]
+        same = [(f"{other}.{m}", m) for other in varying for m in metrics if f"{other}.{m}" in columns]
+        if same:
+            rows.append((name, {c: metrics[m] for c, m in same}, {c: errors[m] for c, m in same if m in errors}))
             references.add(name)
-    return Comparison([label for label, _ in rows], columns, [[values.get(c) for c in columns] for _, values in rows],
-                      references)
+    return Comparison([label for label, _, _ in rows], columns,
+                      [[values.get(c) for c in columns] for _, values, _ in rows], references,
+                      [[errors.get(c) for c in columns] for _, _, errors in rows])
+
+
+def _stderr(stats: dict, metric: str) -> float | None:
+    """The standard error a step's stats hold beside one of its compared metrics: the metric's
+    `<name>_stderr` sibling (lm-eval's), at any depth: "datamill_capitals_mc.acc" is found as
+    stats["tasks"]["datamill_capitals_mc"]["acc"], its error as [...]["acc_stderr"]. None when
+    there is none, more than one, or it is not a finite number."""
+    import math
+    import numbers
+
+    *path, leaf = metric.split(".")
+    found, nodes = [], [stats]
+    while nodes:
+        node = nodes.pop()
+        here = node
+        for part in path:
+            here = here.get(part) if isinstance(here, dict) else None
+        if isinstance(here, dict) and leaf in here and f"{leaf}_stderr" in here:
+            found.append(here[f"{leaf}_stderr"])
+        nodes += [v for v in node.values() if isinstance(v, dict)]
+    if len(found) != 1 or not isinstance(found[0], numbers.Real) or isinstance(found[0], bool):
+        return None
+    return float(found[0]) if math.isfinite(found[0]) else None
 
 
 def _log_comparison(result: RunResult, tracker, parent: str) -> None:
-    """A sweep's points side by side on its parent run: a table, a heatmap (comparison.png)
-    and a bar chart per metric (comparison_bars.png)."""
+    """A sweep's points side by side on its parent run: its metrics, a table, a heatmap
+    (comparison.png) and a bar chart per metric (comparison_bars.png)."""
     table = comparison(result)
     if not table.columns:
         return
+    # "<step>.<metric>/<point>": MLflow lists a run's metrics by name, so each metric's values
+    # for every point (and reference row) read together, and the UI's charts group by the part
+    # before the "/". The tracker makes the point's label a valid key ("method=less,model=smol"
+    # -> "method_less_model_smol").
+    tracker.log_metrics(parent, {f"{column}/{row}": value for row, values in zip(table.rows, table.values)
+                                 for column, value in zip(table.columns, values) if value is not None})
     tracker.log_table(parent, "comparison", {"point": table.rows, **{c: [row[j] for row in table.values]
                                                                      for j, c in enumerate(table.columns)}})
     from datamill.plots import bars, heatmap
@@ -232,7 +274,8 @@ def _log_comparison(result: RunResult, tracker, parent: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     points = len(table.rows) - len(table.references)
     heatmap(folder / "comparison.png", table.rows, table.columns, table.values, title=f"{points} sweep points")
-    bars(folder / "comparison_bars.png", table.rows, table.columns, table.values, muted=table.references,
+    bars(folder / "comparison_bars.png", table.rows, table.columns, table.values, errors=table.errors,
+         muted=table.references,
          title=f"{points} sweep points" + (f" (grey: {', '.join(sorted(table.references))})" if table.references else ""))
     tracker.log_artifact(parent, folder / "comparison.png", "comparison")
     tracker.log_artifact(parent, folder / "comparison_bars.png", "comparison")
@@ -336,7 +379,12 @@ def _run_point(plan: Plan, tracker, experiment: str, parent: str | None, result:
 def _run_step(plan: Plan, ps: PlannedStep, tracker, run_id: str, work_lock=None, prefix: str = "") -> StepRecord:
     ws = plan.workspace
     console = progress.console()
-    if ws.is_cached(ps.key):
+    damage = ws.damaged(ps.key)  # a finished step whose files were truncated or deleted since
+    if damage:
+        from rich.markup import escape
+
+        console.print(f"  {prefix}[red]damaged[/red]  {ps.name}: {escape(damage)}; running it again")
+    elif ws.is_cached(ps.key):
         meta = ws.meta(ps.key)
         console.print(f"  {prefix}[dim]cached[/dim]  {ps.name} ({ps.kind}){_rows_note(meta['stats'])}")
         return _record(ws, ps, meta, cached=True)
@@ -369,6 +417,8 @@ def _run_step(plan: Plan, ps: PlannedStep, tracker, run_id: str, work_lock=None,
         "tables": _describe_tables(tmp / "tables"),  # digests computed once, reused by cached runs
         "started_at": started_at, "finished_at": _now(),
     }
+    if (tmp / "model").is_dir():  # sizes let a later run notice a model file truncated or deleted
+        meta["model_files"] = model_files(tmp / "model")
     write_json_atomic(tmp / "meta.json", meta)
     ws.commit(ps.key, tmp)
     console.print(f"  {prefix}[green]done[/green]    {ps.name} ({ps.kind}) in {seconds:.1f}s{_rows_note(ctx.stats)}")
@@ -385,7 +435,12 @@ def _rows_note(stats: dict) -> str:
         return ""
     parts = [f"{rows['main']} rows"] if "main" in rows else []
     parts += [f"{n} {t}" for t, n in rows.items() if t != "main"]
-    return ": " + ", ".join(parts)
+    note = ": " + ", ".join(parts)
+    if stats.get("warning"):  # e.g. a source's main rejection reasons: worth seeing without a query
+        from rich.markup import escape
+
+        note += f"\n      [yellow]warning:[/yellow] {escape(stats['warning'])}"
+    return note
 
 
 def _describe_tables(tables_dir: Path) -> dict[str, dict]:
@@ -395,7 +450,7 @@ def _describe_tables(tables_dir: Path) -> dict[str, dict]:
     out = {}
     for path in sorted(tables_dir.glob("*.parquet")):
         footer = pq.read_metadata(path)
-        out[path.stem] = {"rows": footer.num_rows, "digest": hash_file(path)[:32],
+        out[path.stem] = {"rows": footer.num_rows, "digest": hash_file(path)[:32], "bytes": path.stat().st_size,
                           "schema": {f.name: str(f.type) for f in footer.schema.to_arrow_schema()}}
     return out
 
@@ -427,7 +482,7 @@ def _model_paths(plan: Plan, ps: PlannedStep) -> dict:
     from datamill import models as model_refs
 
     spec, env = plan.resolved.spec, plan.resolved.env
-    cache = model_cache_dir(plan.workspace.root)
+    cache = model_cache_dir()
     out = {}
     for ref in ps.models:
         if ref in spec.models:
@@ -472,12 +527,14 @@ def _spec_yaml(plan: Plan) -> str:
     return scrub(yaml.safe_dump(_dump(plan), sort_keys=False, allow_unicode=True))
 
 
-def _tags(plan: Plan, role: str) -> dict[str, str]:
+def _tags(plan: Plan, role: str, digest: str | None = None) -> dict[str, str]:
+    """A run's tags; `digest`: what the run holds (DIGEST_TAG), by default this plan's point."""
     from datamill import __version__
 
     tags = {"datamill.spec": plan.resolved.spec.name, "datamill.version": __version__, "datamill.role": role,
-            "datamill.spec_file": str(plan.resolved.path.resolve()), "datamill.workspace": str(plan.workspace.root)}
-    if plan.resolved.label:
+            "datamill.spec_file": str(plan.resolved.path.resolve()), "datamill.workspace": str(plan.workspace.root),
+            DIGEST_TAG: digest or _point_digest(plan)}
+    if plan.resolved.label and role != "sweep":  # a sweep's parent is all of its points, not the first
         tags["datamill.point"] = plan.resolved.label
     if plan.resolved.spec.description:
         tags["mlflow.note.content"] = plan.resolved.spec.description

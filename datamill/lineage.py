@@ -20,19 +20,21 @@ from pathlib import Path
 MAX_TEXT = 120  # characters of a text cell shown
 
 
-def lineage(spec, row_id: str, overrides: list[str] | None = None) -> list[dict]:
+def lineage(spec, row_id: str, overrides: list[str] | None = None, point: str | None = None) -> list[dict]:
     """Each table row that is `row_id` (or points at it as `nearest_train_id`), as
     {point, step, kind, table, match: "id" | "nearest_train_id", row: {column: value}}. Steps
-    shared by sweep points (same key) are listed once, with point "" (all points)."""
+    shared by sweep points (same key) are listed once, with point "" (all points). `point` (a
+    label or KEY=VALUE pairs, see plan.choose_point) keeps to one sweep point."""
     import duckdb
 
     from datamill.api import plans
+    from datamill.plan import choose_point
 
     all_plans = plans(spec, overrides)
     keys_per_point = [{s.key for s in p.steps} for p in all_plans]
     seen, hits = set(), []
     with duckdb.connect() as con:
-        for plan in all_plans:
+        for plan in [choose_point(all_plans, point)] if point else all_plans:
             for planned in plan.steps:
                 if planned.key in seen or not plan.workspace.is_cached(planned.key):
                     continue

@@ -9,7 +9,9 @@ A model reference in a spec is one of:
     org/name or org/name@revision   a Hugging Face hub id (offline, a clear error)
 
 `resolve_model` turns any of them into a local folder that `from_pretrained` loads. Builtins are
-built once into a model cache folder (see `workspace.model_cache_dir`). Everything heavy (torch,
+built once into a model cache folder shared by every spec of a user (see `workspace.model_cache_dir`).
+They stay in float32 on disk: the GGUF's dequantised weights are not exact in bfloat16, so a bf16 copy
+would be a slightly different model, and CPU stages load in float32 anyway. Everything heavy (torch,
 transformers, huggingface_hub) is imported inside functions so that importing this module, which
 the spec checker does, stays cheap.
 """
@@ -208,8 +210,7 @@ def _build_once(cache_dir: Path, name: str, build) -> Path:
     final = cache_dir / name
     if _is_built(final):  # the common case: no lock, no imports
         return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache_dir / f".{name}.lock", name):
+    with _file_lock(_writable(cache_dir) / f".{name}.lock", name):
         if _is_built(final):  # another process built it while we waited for the lock
             return final
         # Temp folders of builds that were killed: only the lock holder builds, so they are stale.
@@ -233,6 +234,17 @@ def _build_once(cache_dir: Path, name: str, build) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+def _writable(cache_dir: Path) -> Path:
+    """cache_dir, created if needed; a clear error when this user cannot write there."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=cache_dir).close()  # root-owned or read-only: mkdir alone succeeds
+    except OSError as e:
+        raise ModelError(f"cannot write the model cache {cache_dir} ({e.strerror or e}): set "
+                         f"DATAMILL_MODEL_CACHE to a folder you can write to") from None
+    return cache_dir
 
 
 def _gguf_dir() -> Path:

@@ -92,33 +92,69 @@ def heatmap(path: Path, rows: list[str], columns: list[str], values: list[list[f
 
 
 def bars(path: Path, rows: list[str], columns: list[str], values: list[list[float | None]], *, title: str,
-         muted: set[str] = frozenset()) -> Path:
+         muted: set[str] = frozenset(), errors: list[list[float | None]] | None = None) -> Path:
     """One small bar chart per column (metrics have different scales), a bar per row; rows in
-    `muted` (a reference such as the base model) are drawn grey."""
+    `muted` (a reference such as the base model) are drawn grey. `errors` (shaped like `values`,
+    None where unknown): standard errors, drawn as ±1.96·stderr bars (a 95% normal interval)."""
     import math
 
     plt = _pyplot()
     width = min(4, len(columns))
     height = math.ceil(len(columns) / width)
-    fig, axes = plt.subplots(height, width, figsize=(3.2 * width + 1, 0.35 * len(rows) * height + 1.4 * height),
-                             squeeze=False)
+    # metric names are long and have no spaces: broken after "." or "_" so a title stays over its chart
+    titles = [_wrap(column, 34) for column in columns]
+    title_lines = [max(t.count("\n") + 1 for t in titles[r * width:(r + 1) * width]) for r in range(height)]
+    errors = errors or [[None] * len(columns) for _ in rows]
+    drawn_errors = any(e is not None for row in errors for e in row)
+    fig, axes = plt.subplots(height, width, squeeze=False, figsize=(
+        3.2 * width + 1, sum(0.35 * len(rows) + 1.2 + 0.15 * lines for lines in title_lines) + 0.4 * drawn_errors))
     try:
         for j, column in enumerate(columns):
             ax = axes[j // width][j % width]
-            shown = [(row, values[i][j]) for i, row in enumerate(rows) if values[i][j] is not None]
-            ys = range(len(shown))
-            ax.barh(list(ys), [float(v) for _, v in shown],
-                    color=["#9e9e9e" if row in muted else "#3b75af" for row, _ in shown])
-            ax.set_yticks(list(ys), labels=[row for row, _ in shown], fontsize=8)
+            shown = [(row, float(values[i][j]), errors[i][j]) for i, row in enumerate(rows) if values[i][j] is not None]
+            ys = list(range(len(shown)))
+            ax.barh(ys, [v for _, v, _ in shown], color=["#9e9e9e" if row in muted else "#3b75af" for row, _, _ in shown])
+            spans = [(y, v, 1.96 * e) for y, (_, v, e) in zip(ys, shown) if e is not None]
+            if spans:
+                ax.errorbar([v for _, v, _ in spans], [y for y, _, _ in spans], xerr=[h for _, _, h in spans],
+                            fmt="none", ecolor="black", elinewidth=1, capsize=3)
+            ax.set_yticks(ys, labels=[row for row, _, _ in shown], fontsize=8)
             ax.invert_yaxis()  # first row on top, as in the table
-            for y, (_, v) in zip(ys, shown):
-                ax.text(float(v), y, f" {float(v):.3g}", va="center", fontsize=7)
-            ax.set_title(column, fontsize=8)
+            ends = []
+            for y, (_, v, e) in zip(ys, shown):  # each value written past its bar (and error bar)
+                h = 1.96 * e if e is not None else 0.0
+                ends += [v - h, v + h]
+                ax.text(v + h if v >= 0 else v - h, y, f" {v:.3g} ", va="center", fontsize=7,
+                        ha="left" if v >= 0 else "right")
+            if ends:  # room for those numbers inside the chart, on the side(s) the bars go
+                low, high = min(0.0, *ends), max(0.0, *ends)
+                room = 0.3 * ((high - low) or 1.0)
+                ax.set_xlim(low - room if low < 0 else 0.0, high + room if high > 0 or low == 0 else 0.0)
+            ax.set_title(titles[j], fontsize=8)
             ax.tick_params(axis="x", labelsize=7)
             ax.grid(axis="x", alpha=0.3)
         for j in range(len(columns), width * height):
             axes[j // width][j % width].axis("off")
-        fig.suptitle(title, fontsize=10)
+        note = "\nerror bars: ±1.96 × stderr (95% interval)" if drawn_errors else ""
+        fig.suptitle(title + note, fontsize=10)
         return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def _wrap(text: str, width: int) -> str:
+    """`text` in lines of at most `width` characters, broken after a ".", "_" or space where
+    possible (metric names are dotted words), inside a word only when the word is longer."""
+    import re
+
+    lines, line = [], ""
+    for piece in re.findall(r"[^._ ]+[._ ]*|[._ ]+", text):  # each word with the separators after it
+        if line and len(line) + len(piece.rstrip()) > width:
+            lines.append(line)
+            line = ""
+        while len(piece) > width:
+            lines.append(piece[:width])
+            piece = piece[width:]
+        line += piece
+    lines.append(line)
+    return "\n".join(part.strip() for part in lines if part.strip())

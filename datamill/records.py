@@ -36,7 +36,15 @@ PROVENANCE_COLUMNS = ("gen_prompt", "gen_model", "gen_seed", "parent_id")
 CANONICAL_COLUMNS = ("id", "messages", "source") + PROVENANCE_COLUMNS
 REJECTED_COLUMNS = ("line", "reason", "raw")
 MAX_RAW_CHARS = 2000
-EXPECTED_SHAPES = "messages | prompt+response | instruction+output | conversations"
+# The row layouts `normalize_record` accepts, in the order it tries them: (short name, layout).
+# Both the "missing field" reason and the note shown when a source rejects rows come from here.
+ACCEPTED_SHAPES = (
+    ("messages", "{messages: [{role, content}, ...]}"),
+    ("prompt+response", "{prompt, response} (+ system)"),
+    ("instruction+output", "{instruction, output} (+ input; Alpaca)"),
+    ("conversations", "{conversations: [{from, value}, ...]} (ShareGPT)"),
+)
+EXPECTED_SHAPES = " | ".join(name for name, _ in ACCEPTED_SHAPES)
 
 # Rows are turned into a DataFrame this many at a time: Python dicts cost ~10x their Arrow size.
 _CHUNK_ROWS = 50_000
@@ -131,6 +139,12 @@ def normalize_record(row: dict, source: str) -> dict:
         if key not in consumed and key not in record:
             record[key] = value
     return record
+
+
+def accepted_rows_note() -> str:
+    """One line telling a user which row layouts a `schema: instruction` source accepts."""
+    layouts = ", ".join(layout for _, layout in ACCEPTED_SHAPES)
+    return f"accepted rows: {layouts}; or set `schema: raw` to keep columns as they are"
 
 
 def _messages_from(row: dict) -> tuple[list[dict], set[str]]:

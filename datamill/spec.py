@@ -17,13 +17,12 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from datamill import registry
 from datamill.errors import FieldError, ModelError, SpecError, did_you_mean
 from datamill.step import Env, Step
-from datamill.yaml_source import YamlDoc, load_yaml
+from datamill.yaml_source import YamlDoc, load_yaml, parse_value
 
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -137,6 +136,10 @@ def _spec_model(kinds: tuple[str, ...]) -> type[BaseModel]:
         """Folder for the step cache and catalog. Default: .datamill/<name> next to the spec."""
         models: dict[str, str] = {}
         """Model names used by steps -> reference: builtin:smollm2-135m-instruct, builtin:tiny-llama, a local HF folder, or a hub id."""
+        code: list[str] = []
+        """Folders of your own Python (relative to the spec's folder) whose modules `module:function`
+        may name (polars functions, select methods), besides the spec's own folder. A spec may
+        call nothing else but installed datamill plugins (entry points datamill.*)."""
         sources: dict[str, source_entry] = {}  # type: ignore[valid-type]
         """Input tables by name: {path: data.jsonl}, {hf: dataset/name}, or a generator step such as
         {generator: tasks, families: [arithmetic], n: 100}."""
@@ -204,24 +207,30 @@ class LoadedSpec:
 
     def sweep_points(self) -> list[dict[str, Any]]:
         """The sweep's points as {dotted path: value}; [{}] when there is no sweep."""
-        sweep = _apply(self.doc.data, self.overrides).get("sweep") if isinstance(self.doc.data, dict) else None
+        data = self.doc.data
+        sweep = _apply(data, self.overrides, self.doc).get("sweep") if isinstance(data, dict) else None
         if not sweep:
             return [{}]
+
+        def where(loc: tuple) -> str:  # the file's line, or the --set that put the value there
+            return _where(loc, self.doc, self.overrides)
+
         if not isinstance(sweep, dict):
-            raise SpecError(f"{self.doc.where(('sweep',))}: sweep: expected a mapping of dotted paths to lists")
+            raise SpecError(f"{where(('sweep',))}: sweep: expected a mapping of dotted paths to lists, "
+                            f"found {_show(sweep)}")
         sweep = dict(sweep)
         mode = sweep.pop("mode", "grid")
         problems = []
         if mode not in ("grid", "zip"):
-            problems.append(f"{self.doc.where(('sweep', 'mode'))}: sweep.mode: expected 'grid' or 'zip', found {mode!r}")
+            problems.append(f"{where(('sweep', 'mode'))}: sweep.mode: expected 'grid' or 'zip', found {mode!r}")
         for key, values in sweep.items():
             if not isinstance(values, list) or not values:
-                problems.append(f"{self.doc.where(('sweep', key))}: sweep.{key}: expected a non-empty list of values, found {values!r}")
+                problems.append(f"{where(('sweep', key))}: sweep.{key}: expected a non-empty list of values, found {values!r}")
             elif str(key).split(".")[0] in ("sweep", "name", "workspace", "tracking"):
-                problems.append(f"{self.doc.where(('sweep', key))}: sweep.{key}: cannot sweep over '{str(key).split('.')[0]}'")
+                problems.append(f"{where(('sweep', key))}: sweep.{key}: cannot sweep over '{str(key).split('.')[0]}'")
         if not problems and mode == "zip" and len({len(v) for v in sweep.values()}) > 1:
             lengths = ", ".join(f"{k}: {len(v)}" for k, v in sweep.items())
-            problems.append(f"{self.doc.where(('sweep',))}: sweep: mode zip needs lists of equal length; found {lengths}")
+            problems.append(f"{where(('sweep',))}: sweep: mode zip needs lists of equal length; found {lengths}")
         if problems:
             raise SpecError(problems)
         keys = list(sweep)
@@ -238,7 +247,7 @@ class LoadedSpec:
         return resolved
 
     def _resolve(self, overrides: list[Override], point: dict, label: str = "") -> ResolvedSpec:
-        data = _apply(self.doc.data, overrides)
+        data = _apply(self.doc.data, overrides, self.doc)
         if not isinstance(data, dict):
             raise SpecError(f"{self.doc.file}: expected a mapping at the top level, found {type(data).__name__}")
         model = spec_model()
@@ -250,12 +259,13 @@ class LoadedSpec:
             if not retry:
                 raise SpecError(_format_validation(e, self.doc, overrides, model)) from None
             overrides = [Override(o.path, str(o.raw), o.origin) if o in retry else o for o in overrides]
-            data = _apply(self.doc.data, overrides, typed=lambda o: o not in retry)
+            data = _apply(self.doc.data, overrides, self.doc, typed=lambda o: o not in retry)
             try:
                 spec = model.model_validate(data)
             except ValidationError as e2:
                 raise SpecError(_format_validation(e2, self.doc, overrides, model)) from None
-        env = Env(base_dir=self.path.parent.resolve())
+        base_dir = self.path.parent.resolve()
+        env = Env(base_dir=base_dir, code_dirs=tuple((base_dir / Path(c).expanduser()).resolve() for c in spec.code))
         resolved = ResolvedSpec(spec=spec, raw=data, path=self.path, env=env, point=point, label=label)
         check_references(resolved, self.doc, overrides)
         if spec.executor.kind == "ray":
@@ -285,7 +295,21 @@ def point_labels(points: list[dict]) -> list[str]:
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> LoadedSpec:
     """Read a spec file and parse `--set a.b.c=value` overrides (applied when resolving)."""
     path = Path(path)
-    return LoadedSpec(doc=load_yaml(path), path=path, overrides=parse_overrides(overrides or []))
+    doc = load_yaml(path)
+    _check_top_level(doc)
+    return LoadedSpec(doc=doc, path=path, overrides=parse_overrides(overrides or []))
+
+
+def _check_top_level(doc: YamlDoc) -> None:
+    """A spec file is one mapping; say so at line 1 rather than let the schema report a missing `name`."""
+    if isinstance(doc.data, dict):
+        return
+    keys = ", ".join(spec_model().model_fields)
+    if doc.data is None and () not in doc.positions:
+        raise SpecError(f"{doc.file}:1: the file is empty (only comments/whitespace); a spec is a mapping "
+                        f"with at least `name:`, e.g. `name: my_experiment` then `sources:` and `steps:` "
+                        f"(keys: {keys})")
+    raise SpecError(f"{doc.where(())}: the file holds {_describe(doc.data)}, expected a mapping with keys {keys}")
 
 
 def parse_overrides(items: list[str]) -> list[Override]:
@@ -298,42 +322,62 @@ def parse_overrides(items: list[str]) -> list[Override]:
     return parsed
 
 
-def _typed(raw):
-    if not isinstance(raw, str):
-        return raw  # sweep values are already typed by YAML
-    try:
-        return yaml.safe_load(raw) if raw.strip() else raw
-    except yaml.YAMLError:
-        return raw
+def _typed(o: Override):
+    if not isinstance(o.raw, str):
+        return o.raw  # sweep values are already typed by YAML
+    return parse_value(o.raw, o.origin) if o.raw.strip() else o.raw
 
 
-def _apply(data, overrides: list[Override], typed=lambda o: True):
+def _apply(data, overrides: list[Override], doc: YamlDoc, typed=lambda o: True):
+    # The file's data is already bounded (yaml_source limits its expanded size), and deepcopy
+    # keeps shared (aliased) parts shared, so copying it per sweep point costs no more than that.
     data = copy.deepcopy(data)
     for o in overrides:
-        value = _typed(o.raw) if typed(o) else o.raw
+        value = _typed(o) if typed(o) else o.raw
         node = data
-        for i, part in enumerate(o.path[:-1]):
-            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-                continue
-            if not isinstance(node, dict):
-                raise SpecError(f"{o.origin}: cannot set '{'.'.join(o.path)}': "
-                                f"'{'.'.join(o.path[:i])}' is not a mapping")
-            if not isinstance(node.get(part), (dict, list)):
-                node[part] = {}
-            node = node[part]
-        last = o.path[-1]
-        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
-            node[int(last)] = value
-        elif isinstance(node, dict):
-            node[last] = value
-        else:
-            raise SpecError(f"{o.origin}: cannot set '{'.'.join(o.path)}': its parent is not a mapping")
+        for i, part in enumerate(o.path):
+            here = ".".join(o.path[:i]) or "the top level"
+            if isinstance(node, list):
+                if not (part.isdigit() and int(part) < len(node)):
+                    raise SpecError(f"{_blame(o, doc)}: cannot set '{'.'.join(o.path)}': '{here}' is a list of "
+                                    f"{len(node)}, so '{part}' must be an index from 0 to {len(node) - 1}")
+                part = int(part)
+            elif isinstance(node, dict):
+                if i < len(o.path) - 1 and node.get(part) is None:
+                    node[part] = {}  # a mapping on the way that the file leaves out (or null) is made
+                elif i < len(o.path) - 1 and _shorthand(o.path[:i + 1]) and not isinstance(node[part], dict):
+                    node[part] = {_shorthand(o.path[:i + 1]): node[part]}  # `sql: "..."` is `sql: {query: ...}`
+            else:  # never replace a value of the file to go through it: that is a typo, not a wish
+                raise SpecError(f"{_blame(o, doc)}: cannot set '{'.'.join(o.path)}': "
+                                f"'{here}' is {_describe(node)}, not a mapping")
+            if i == len(o.path) - 1:
+                node[part] = value
+            else:
+                node = node[part]
     return data
 
 
+def _shorthand(path: tuple) -> str | None:
+    """The field a step written in shorthand stands for, at steps.<name>.<kind> (e.g. sql -> query)."""
+    if len(path) != 3 or path[0] != "steps" or path[2] not in registry.step_kinds():
+        return None
+    return registry.step_class(path[2]).Config.__shorthand__
+
+
+def _describe(value) -> str:
+    """'a string ('quickstart')', 'a list', 'null': what a value is, for messages about its shape."""
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "a list"
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string"}
+    kind = kinds.get(type(value), type(value).__name__)
+    text = repr(value)
+    return f"{kind} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
 def _override_failed_as_typed(o: Override, error: ValidationError) -> bool:
-    if not isinstance(o.raw, str) or _typed(o.raw) == o.raw:
+    if not isinstance(o.raw, str) or _typed(o) == o.raw:
         return False
     return any(tuple(map(str, err["loc"])) == o.path and err["type"].endswith("_type") for err in error.errors())
 
@@ -388,12 +432,34 @@ def _show(value) -> str:
 
 def _where(loc: tuple, doc: YamlDoc, overrides: list[Override]) -> str:
     loc_s = tuple(map(str, loc))
-    for o in reversed(overrides):  # the value came from --set or the sweep, not the file
-        if loc_s[: len(o.path)] == o.path:
-            if o.origin.startswith("sweep "):
-                return f"{doc.where(('sweep', o.origin[len('sweep '):]))} ({o.origin}={o.raw!r})"
-            return o.origin
+    for o in reversed(overrides):  # the value came from --set or the sweep, not the file:
+        # within what the override set, or within a mapping it made because the file had none
+        owned = min(len(o.path), _depth_in_file(doc.data, o.path) + 1)
+        if loc_s[:owned] == o.path[:owned]:
+            return _blame(o, doc, with_value=False)
     return doc.where(loc)
+
+
+def _blame(o: Override, doc: YamlDoc, with_value: bool = True) -> str:
+    """Where an override's problem is reported: `--set a.b=1`, or the sweep key's line and value."""
+    if o.origin.startswith("sweep "):
+        return f"{doc.where(('sweep', o.origin[len('sweep '):]))} ({o.origin}={o.raw!r})"
+    if not with_value:  # the message shows the value found
+        return o.origin
+    raw = str(o.raw)
+    return f"{o.origin}={raw if len(raw) <= 60 else raw[:57] + '...'}"
+
+
+def _depth_in_file(data, path: tuple) -> int:
+    """How many leading parts of an override's `path` name values that the file has."""
+    for depth, part in enumerate(path):
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        else:
+            return depth
+    return len(path)
 
 
 def _valid_keys(model, loc: tuple) -> list[str]:
@@ -456,6 +522,8 @@ def table_base(name: str) -> str:
 def check_references(resolved: ResolvedSpec, doc: YamlDoc, overrides: list[Override]) -> None:
     """Names, table and model references, files, and cycles; all problems at once."""
     from datamill import models as model_refs
+    from datamill.steps.sql import reserved_words
+    from datamill.user_code import check_code_folder
 
     spec, env = resolved.spec, resolved.env
     problems: list[str] = []
@@ -473,9 +541,17 @@ def check_references(resolved: ResolvedSpec, doc: YamlDoc, overrides: list[Overr
             if not NAME_PATTERN.match(name) or "__" in name:
                 report((section, name), f"invalid name '{name}': use letters, digits and single underscores "
                                         "(it becomes a SQL table name; '__' is reserved for side tables)")
+            elif name.lower() in reserved_words():
+                report((section, name), f"'{name}' is a reserved word in DuckDB SQL: rename the "
+                                        f"{section[:-1]} (queries would need to quote it as \"{name}\")")
     for name in spec.steps:
         if name in spec.sources:
             report(("steps", name), f"duplicate name '{name}': already defined under sources")
+
+    for i, (folder, path) in enumerate(zip(spec.code, env.code_dirs)):
+        problem = check_code_folder(folder, path)
+        if problem:
+            report(("code", i), problem)
 
     steps = resolved.step_objects()
     for ref_name, ref in spec.models.items():

@@ -63,6 +63,7 @@ class Env:
     """What a step may consult while being checked and keyed (no heavy imports, no I/O beyond stat/hash)."""
 
     base_dir: Path  # folder of the spec file: relative paths resolve here
+    code_dirs: tuple[Path, ...] = ()  # the spec's `code:` folders (resolved): where its own Python may be
 
 
 class Step:

@@ -59,6 +59,10 @@ class Tracker(Protocol):
         """Mark KILLED the runs of `experiment` still RUNNING for `workspace` (left by a run that
         was killed: only one run holds a workspace at a time); return how many."""
 
+    def find_runs(self, experiment: str, tags: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+        """(run id, its tags) of each FINISHED, not deleted run of `experiment` carrying all of
+        `tags`, newest first: how a re-run finds the runs that already hold its results."""
+
 
 class NullTracker:
     """Tracking disabled: every call is a no-op; run ids are empty strings."""
@@ -86,3 +90,6 @@ class NullTracker:
 
     def close_stale_runs(self, experiment, workspace) -> int:
         return 0
+
+    def find_runs(self, experiment, tags) -> list:
+        return []

@@ -9,7 +9,9 @@ Layout (workspace = `.datamill/<spec name>` next to the spec unless `workspace:`
     <workspace>/steps/.state/<key>/             resumable progress of an interrupted step
     <workspace>/catalog.duckdb                  one view per table name -> parquet
     <workspace parent>/mlflow.db, mlartifacts/  the default MLflow store
-    <workspace parent>/models/                  builtin model cache (DATAMILL_MODEL_CACHE overrides)
+
+Builtin models are converted once per user, outside any workspace: $DATAMILL_MODEL_CACHE, else
+$XDG_CACHE_HOME/datamill/models, else ~/.cache/datamill/models (see `model_cache_dir`).
 """
 
 from __future__ import annotations
@@ -31,11 +33,43 @@ class Workspace:
         return self.steps_dir / key
 
     def is_cached(self, key: str) -> bool:
-        return (self.step_dir(key) / "meta.json").is_file()
+        """The step finished (meta.json) and its outputs are still whole."""
+        return (self.step_dir(key) / "meta.json").is_file() and self.damaged(key) is None
 
     def meta(self, key: str) -> dict | None:
         path = self.step_dir(key) / "meta.json"
         return json.loads(path.read_text()) if path.is_file() else None
+
+    def damaged(self, key: str) -> str | None:
+        """Why a finished step's outputs can no longer be trusted (a table truncated or deleted, a
+        model file gone), or None, also for a step that never finished. Cheap enough for every cache
+        hit: sizes against those recorded at commit and the Parquet end marker, no re-hashing."""
+        folder = self.step_dir(key)
+        try:
+            meta = self.meta(key)
+        except (OSError, ValueError):
+            return "its meta.json is unreadable"
+        if meta is None:
+            return None
+        for name, info in meta.get("tables", {}).items():
+            why = _parquet_damage(folder / "tables" / f"{name}.parquet", info.get("bytes"))
+            if why:
+                return f"tables/{name}.parquet {why}"
+        model = folder / "model"
+        recorded = meta.get("model_files")
+        if recorded is not None:
+            for name, size in recorded.items():
+                path = model / name
+                if not path.is_file():
+                    return f"model/{name} is missing"
+                if path.stat().st_size != size:
+                    return f"model/{name} is {path.stat().st_size} bytes, {size} when written"
+        elif model.is_dir():  # committed before file sizes were recorded: check what a model needs
+            if not any((model / name).is_file() for name in MODEL_CONFIGS):
+                return "model/ has no config.json"
+            if not any(next(model.glob(pattern), None) for pattern in MODEL_WEIGHTS):
+                return "model/ has no weights file (*.safetensors, *.bin)"
+        return None
 
     def table_path(self, key: str, table: str = "main") -> Path:
         return self.step_dir(key) / "tables" / f"{table}.parquet"
@@ -124,11 +158,40 @@ class Workspace:
         return self.sql(f'SELECT * FROM "{name}"')
 
 
+MODEL_CONFIGS = ("config.json", "adapter_config.json")  # a LoRA adapter saved alone has the second
+MODEL_WEIGHTS = ("*.safetensors", "*.bin")
+
+
+def model_files(model: Path) -> dict[str, int]:
+    """Byte size of each file of a model folder (relative path -> bytes), recorded at commit."""
+    return {str(p.relative_to(model)): p.stat().st_size for p in sorted(model.rglob("*")) if p.is_file()}
+
+
+def _parquet_damage(path: Path, size_then: int | None) -> str | None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "is missing"
+    if size_then is not None and size != size_then:
+        return f"is {size} bytes, {size_then} when written"
+    with open(path, "rb") as f:  # a Parquet file ends with its footer and the magic bytes PAR1
+        f.seek(max(size - 4, 0))
+        if f.read(4) != b"PAR1":
+            return "is not a whole Parquet file (no PAR1 at its end)"
+    return None
+
+
 def _sql_str(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def model_cache_dir(workspace_root: Path) -> Path:
-    """Builtin models are converted once per project (or once per machine with DATAMILL_MODEL_CACHE)."""
+def model_cache_dir() -> Path:
+    """Where builtin models are converted, once per user and shared by every spec (SmolLM2 is 517 MB):
+    $DATAMILL_MODEL_CACHE, else $XDG_CACHE_HOME/datamill/models, else ~/.cache/datamill/models."""
     env = os.environ.get("DATAMILL_MODEL_CACHE")
-    return Path(env) if env else Path(workspace_root).resolve().parent / "models"
+    if env:
+        return Path(env).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec says a relative XDG_CACHE_HOME is invalid and must be ignored.
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return (base / "datamill" / "models").resolve()

@@ -9,7 +9,8 @@ Outputs:
     results.json    lm-eval's full results (configs, versions, metrics with stderr)
 
 Stats (and so MLflow metrics `<step>.tasks.<task>.<metric>`): every task's metrics and their
-stderr. Tasks come from evals/tasks/ (shipped, offline), your `include_path` folders, and with
+stderr; `lm_eval_command.<task>`: the `lm_eval` command line that gives the same numbers (also
+the MLflow tag `step.<step>.lm_eval_command.<task>`). Tasks come from evals/tasks/ (shipped, offline), your `include_path` folders, and with
 `lm_eval_defaults: true` lm-eval's built-in tasks (their data comes from the hub).
 """
 
@@ -149,22 +150,26 @@ class EvaluateStep(Step):
         # other padding changes the last bits of a log-likelihood).
         units = [("task", name) for name in cfg.tasks] + [("byod", metric) for metric in cfg.self_supervised]
         corpus = self._corpus(ctx) if cfg.self_supervised else None
+        model_path = str(ctx.model_path(cfg.model))
+        # Your task folders are copied (data paths made absolute) into the workspace's shared folder,
+        # not a temp one: the recorded lm_eval commands read them after the run.
         run_unit = functools.partial(evaluate_unit, settings=cfg.model_dump(mode="json"),
                                      include_paths=[str(p) for p in self._include_paths(ctx.env.base_dir)],
-                                     corpus=corpus)
-        model_path = str(ctx.model_path(cfg.model))
+                                     task_dir=str(Path(ctx.shared_dir) / "lm_eval_tasks"), corpus=corpus,
+                                     model_path=model_path)
         if ctx.shards.kind == "local":
             from evals.harness import hf_model
 
             lm = hf_model(model_path, device=cfg.device, batch_size=cfg.batch_size)
             parts = ctx.shards.map(functools.partial(run_unit, lm=lm, label=ctx.name), units)
         else:
-            parts = ctx.shards.map(functools.partial(run_unit, model_path=model_path), units)
-        samples, metrics, results = [], {}, {}
+            parts = ctx.shards.map(run_unit, units)
+        samples, metrics, results, commands = [], {}, {}, {}
         for part in parts:
             samples += part["samples"]
             metrics.update(part["metrics"])
             _merge_results(results, part["results"])
+            commands.update(part["lm_eval_command"])
         chat = parts[0]["apply_chat_template"]
         schema = {"id": pl.String, "task": pl.String, "doc_id": pl.Int64, "metric": pl.String, "score": pl.Float64,
                   "correct": pl.Boolean, "target": pl.String, "output": pl.String, "generation": pl.String,
@@ -179,6 +184,8 @@ class EvaluateStep(Step):
             ctx.log_artifact(path)
         ctx.stats.update({"tasks": metrics, "examples": table.select("id", "task").unique().height,
                           "apply_chat_template": chat})
+        if commands:
+            ctx.stats["lm_eval_command"] = commands
         ctx.stats.update(ctx.shards.summary())
         ctx.log_sample(table.drop("prompt", "loglikelihoods"), name="samples")
 
@@ -228,12 +235,13 @@ class EvaluateStep(Step):
 
 
 def evaluate_unit(unit: tuple[str, str], *, settings: dict, include_paths: list[str], corpus: dict | None,
-                  lm=None, model_path: str | None = None, label: str = "evaluate") -> dict:
+                  model_path: str, task_dir: str | None = None, lm=None, label: str = "evaluate") -> dict:
     """One lm-eval task (or group) or one self-supervised metric on a model: its per-example rows,
-    metrics, lm-eval results and whether prompts went through the chat template. A plain function
-    of plain values, so a Ray worker can run it; `lm` is the loaded model when the caller has one,
-    else it is loaded from `model_path`."""
-    from evals.harness import evaluate, hf_model
+    metrics, lm-eval results, whether prompts went through the chat template, and the `lm_eval`
+    command that gives the same numbers. A plain function of plain values, so a Ray worker can run
+    it; `lm` is the model at `model_path` when the caller has loaded it (`hf_model`), else it is
+    loaded here. `task_dir`: where the copy of your task folders goes (`task_folder`)."""
+    from evals.harness import evaluate, hf_model, hf_model_args, lm_eval_command
 
     cfg = EvaluateConfig.model_validate(settings)
     if lm is None:
@@ -245,8 +253,13 @@ def evaluate_unit(unit: tuple[str, str], *, settings: dict, include_paths: list[
     if kind == "task":
         run = evaluate(lm, [name], include_paths=[Path(p) for p in include_paths], defaults=cfg.lm_eval_defaults,
                        num_fewshot=cfg.num_fewshot, limit=cfg.limit, apply_chat_template=chat, seed=cfg.seed,
-                       gen_kwargs=cfg.gen_kwargs)
-        return {"samples": run.samples, "metrics": run.metrics, "results": run.results, "apply_chat_template": chat}
+                       gen_kwargs=cfg.gen_kwargs, work_dir=Path(task_dir) if task_dir else None)
+        model_args, device = hf_model_args(model_path, cfg.device)  # as hf_model built `lm`
+        command = lm_eval_command([name], model_args=model_args, device=device, batch_size=cfg.batch_size,
+                                  include_path=run.task_folder, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                                  apply_chat_template=chat, seed=cfg.seed, gen_kwargs=cfg.gen_kwargs)
+        return {"samples": run.samples, "metrics": run.metrics, "results": run.results, "apply_chat_template": chat,
+                "lm_eval_command": {name: command}}
     from datamill import progress
     from evals.byod import run_metric
 
@@ -256,7 +269,8 @@ def evaluate_unit(unit: tuple[str, str], *, settings: dict, include_paths: list[
     rows = [{"id": corpus["ids"][r["index"]], "task": f"byod_{name}", "doc_id": r["index"], "metric": name,
              "score": r["score"], "correct": None, "target": r["original"], "output": r["perturbed"],
              "generation": None, "loglikelihoods": None, "prompt": None} for r in found]
-    return {"samples": rows, "metrics": {f"byod_{name}": summary}, "results": {}, "apply_chat_template": chat}
+    return {"samples": rows, "metrics": {f"byod_{name}": summary}, "results": {}, "apply_chat_template": chat,
+            "lm_eval_command": {}}
 
 
 def _merge_results(into: dict, part: dict) -> None:

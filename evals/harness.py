@@ -5,14 +5,16 @@
     run.metrics        # {"datamill_capitals_mc": {"acc": 0.87, "acc_stderr": 0.03, ...}}
     run.samples        # one dict per example and metric: id, task, metric, score, correct, ...
 
-The shipped tasks (evals/tasks/) also run from the plain CLI:
-    lm_eval --model hf --model_args pretrained=MODEL --include_path evals/tasks --tasks datamill_capitals_mc
+The shipped tasks (evals/tasks/) also run from the plain CLI; `lm_eval_command` writes the command
+line that gives the numbers `evaluate` gives (same model arguments, seeds, chat template, ...).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,22 +44,59 @@ def group_members(path: Path) -> list[str]:
 
 
 def task_manager(include_paths=(), defaults: bool = False, work_dir: Path | None = None):
-    """lm-eval's TaskManager over the shipped tasks and `include_paths`; `defaults` adds lm-eval's
-    ~15k built-in tasks (their data comes from the hub; indexing them takes ~10 s). Your folders
-    are used through copies in `work_dir` whose relative `data_files` are made absolute
-    (`resolved_task_folder`)."""
+    """lm-eval's TaskManager over the shipped tasks and `include_paths` (through `task_folder`, in
+    `work_dir`); `defaults` adds lm-eval's ~15k built-in tasks (their data comes from the hub;
+    indexing them takes ~10 s)."""
     from lm_eval.tasks import TaskManager
 
-    folders = [resolved_task_folder(Path(p), Path(work_dir) / f"include-{i}") if work_dir else Path(p)
-               for i, p in enumerate(include_paths)]
-    return TaskManager(include_path=[str(SHIPPED_TASKS), *map(str, folders)], include_defaults=defaults)
+    return TaskManager(include_path=str(task_folder(include_paths, work_dir)), include_defaults=defaults)
 
 
-def resolved_task_folder(folder: Path, copy: Path) -> Path:
+def task_folder(include_paths=(), under: Path | None = None) -> Path:
+    """The one folder lm-eval indexes (the `lm_eval` CLI takes a single --include_path): the
+    shipped tasks, or with your folders a folder in `under` that holds a copy of the shipped tasks
+    (datamill/) and of each of yours (include-<i>/) with relative data files made absolute
+    (`resolved_task_folder`). It is named by the digest of what it copies, so it is written once,
+    and it stays: the recorded `lm_eval` command of an evaluation reads it."""
+    import shutil
+
+    folders = [Path(p).resolve() for p in include_paths]
+    if not folders:
+        return SHIPPED_TASKS
+    if under is None:
+        raise ValueError("task_folder: your task folders need `under`, where their resolved copy goes")
+    from datamill.hashing import hash_file, hash_obj
+
+    sources = [SHIPPED_TASKS, *folders]
+    digest = hash_obj([{str(f.relative_to(folder)): hash_file(f) for f in _task_files(folder)} for folder in sources])
+    final = Path(under).resolve() / digest
+    if final.is_dir():
+        return final
+    # Built in a temp folder and renamed: a reader (another unit, another run) sees all of it or none.
+    tmp = final.with_name(f".{digest}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for i, folder in enumerate(sources):
+        name = "datamill" if i == 0 else f"include-{i - 1}"
+        resolved_task_folder(folder, tmp / name, points_to=final / name)
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another process wrote the same folder first
+        if not final.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _task_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+def resolved_task_folder(folder: Path, copy: Path, points_to: Path | None = None) -> Path:
     """A copy of a task folder in which every YAML's relative `dataset_kwargs.data_files` points
-    at the file next to the original YAML. lm-eval resolves relative data files against the
-    current directory, so a task folder otherwise works only when run from one place. Other
-    files (utils.py for `!function`, included YAMLs) are copied as they are."""
+    at the copied file (in `points_to`, where the copy will be read from; default `copy`). lm-eval
+    resolves relative data files against the current directory, so a task folder otherwise works
+    only when run from one place. Other files (utils.py for `!function`, included YAMLs) are
+    copied as they are."""
     import shutil
 
     import yaml
@@ -79,45 +118,79 @@ def resolved_task_folder(folder: Path, copy: Path) -> Path:
     Loader.add_multi_constructor("!", keep_tag)
     Dumper.add_representer(Tagged, lambda dumper, value: dumper.represent_scalar("!" + value.tag, str(value)))
 
-    def absolute(value, base: Path):
+    def absolute(value, source: Path, target: Path):
         if isinstance(value, str):
-            return str((base / value).resolve()) if not Path(value).is_absolute() and (base / value).exists() else value
+            exists = not Path(value).is_absolute() and (source / value).exists()
+            return os.path.normpath(target / value) if exists else value
         if isinstance(value, list):
-            return [absolute(v, base) for v in value]
+            return [absolute(v, source, target) for v in value]
         if isinstance(value, dict):
-            return {k: absolute(v, base) for k, v in value.items()}
+            return {k: absolute(v, source, target) for k, v in value.items()}
         return value
 
+    folder, points_to = Path(folder).resolve(), Path(points_to or copy).absolute()
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("__pycache__"))
     for path in folder.rglob("*.yaml"):
         config = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
         files = config.get("dataset_kwargs", {}).get("data_files") if isinstance(config, dict) else None
         if files is not None:
-            config["dataset_kwargs"]["data_files"] = absolute(files, path.parent)
+            relative = path.parent.relative_to(folder)
+            config["dataset_kwargs"]["data_files"] = absolute(files, path.parent, points_to / relative)
             (copy / path.relative_to(folder)).write_text(yaml.dump(config, Dumper=Dumper, sort_keys=False,
                                                                     allow_unicode=True), encoding="utf-8")
     return copy
 
 
-def hf_model(path, *, device: str = "auto", batch_size: int = 8):
-    """lm-eval's HFLM on a local folder: a full model, or a LoRA adapter (adapter_config.json)
-    on top of the base model it names."""
+def hf_model_args(path, device: str = "auto") -> tuple[dict, str]:
+    """The arguments of lm-eval's HFLM for a local folder (what the `lm_eval` CLI's --model_args
+    takes) and the device ("auto": cuda when there is one): a full model, or a LoRA adapter
+    (adapter_config.json) on top of the base model it names."""
     import torch
-    from lm_eval.models.huggingface import HFLM
 
-    path = Path(path)
+    path = Path(path).resolve()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    kwargs = {"device": device, "batch_size": batch_size, "dtype": "float32" if device == "cpu" else "auto"}
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+        args = {"pretrained": base, "peft": str(path), "tokenizer": str(path)}
+    else:
+        args = {"pretrained": str(path)}
+    args["dtype"] = "float32" if device == "cpu" else "auto"
+    return args, device
+
+
+def hf_model(path, *, device: str = "auto", batch_size: int = 8):
+    """lm-eval's HFLM on a local folder, built from `hf_model_args` as the `lm_eval` CLI builds it."""
+    from lm_eval.models.huggingface import HFLM
+
     from datamill.progress import no_hf_loading_bars
 
-    adapter = path / "adapter_config.json"
+    args, device = hf_model_args(path, device)
     with no_hf_loading_bars():
-        if adapter.is_file():
-            base = json.loads(adapter.read_text())["base_model_name_or_path"]
-            return HFLM(pretrained=base, peft=str(path), tokenizer=str(path), **kwargs)
-        return HFLM(pretrained=str(path), **kwargs)
+        return HFLM(**args, device=device, batch_size=batch_size)
+
+
+def lm_eval_command(tasks: list[str], *, model_args: dict, device: str, batch_size: int, include_path: Path,
+                    num_fewshot: int | None = None, limit: int | None = None, apply_chat_template: bool = False,
+                    seed: int = 1234, gen_kwargs: dict | None = None) -> str:
+    """The `lm_eval` command line that runs `tasks` as `evaluate` does with these settings, so it
+    gives the same numbers: lm-eval's own defaults differ (its --seed is 0,1234,1234,1234, no chat
+    template). Dictionaries go as JSON: in lm-eval's key=value form a folder named like a number
+    would be read as one."""
+    args = ["lm_eval", "--model", "hf", "--model_args", json.dumps(model_args), "--device", device,
+            "--batch_size", str(batch_size), "--include_path", str(include_path), "--tasks", ",".join(tasks),
+            "--seed", str(seed)]  # one value: all four seeds, as `evaluate` sets them
+    if apply_chat_template:
+        args += ["--apply_chat_template", "--fewshot_as_multiturn"]  # the second is the CLI's default: said
+    if num_fewshot is not None:
+        args += ["--num_fewshot", str(num_fewshot)]
+    if limit is not None:
+        args += ["--limit", str(limit)]
+    if gen_kwargs:
+        args += ["--gen_kwargs", json.dumps(gen_kwargs)]
+    return shlex.join(args)
 
 
 @dataclass
@@ -125,31 +198,37 @@ class EvalRun:
     results: dict  # lm-eval's results (without samples), JSON-ready
     metrics: dict[str, dict[str, float]]  # task -> metric -> value (and <metric>_stderr)
     samples: list[dict]  # one row per example and metric
+    task_folder: Path  # the folder lm-eval indexed (`task_folder`); gone after the call if `work_dir` was None
 
 
 def evaluate(lm, tasks: list[str], *, include_paths=(), defaults: bool = False, num_fewshot: int | None = None,
              limit: int | None = None, apply_chat_template: bool = False, seed: int = 1234,
              work_dir: Path | None = None, gen_kwargs: dict | None = None) -> EvalRun:
     """Run `tasks` on an lm-eval LM (HFLM or any registered LM class), samples logged.
-    `work_dir`: where copies of `include_paths` with absolute data paths go (a temp folder if None)."""
+    `work_dir`: where the copy of `include_paths` with absolute data paths goes (`task_folder`; a
+    temp folder if None). The settings are those `lm_eval_command` writes for the CLI."""
     import tempfile
     import logging
 
     import lm_eval
+    from lm_eval.tasks import TaskManager
 
     for name in ("lm_eval.api.task", "lm_eval.evaluator"):
         logging.getLogger(name).addFilter(_drop_notices_for_cli_users)
     if hasattr(lm, "model") and hasattr(lm.model, "eval"):
         lm.model.eval()  # evaluation never trains: no dropout, no training-time hooks
     with tempfile.TemporaryDirectory() as tmp:
-        manager = task_manager(include_paths, defaults, Path(work_dir or tmp))
+        folder = task_folder(include_paths, Path(work_dir or tmp))
+        manager = TaskManager(include_path=str(folder), include_defaults=defaults)
+        # fewshot_as_multiturn as the CLI sets it (on with the chat template); without one it changes nothing
         res = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot, limit=limit,
-            log_samples=True, apply_chat_template=apply_chat_template, random_seed=seed,
-            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, gen_kwargs=gen_kwargs or None)
+            log_samples=True, apply_chat_template=apply_chat_template, fewshot_as_multiturn=bool(apply_chat_template),
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            gen_kwargs=gen_kwargs or None)
     samples = res.pop("samples")
     results = json.loads(json.dumps(res, default=str))
-    return EvalRun(results=results, metrics=task_metrics(results), samples=sample_rows(samples))
+    return EvalRun(results=results, metrics=task_metrics(results), samples=sample_rows(samples), task_folder=folder)
 
 
 def _drop_notices_for_cli_users(record) -> bool:

@@ -35,7 +35,8 @@ class SelectConfig(StepConfig):
     """Table of examples that embody the target task."""
     method: str = "zipfit"
     """Scoring method: zipfit, dsir, density, random, length, one you registered
-    (selection/methods.py), or your function as `module:function` (the module next to the spec)."""
+    (selection/methods.py), or your function as `module:function` (a module in the spec's folder
+    or a `code:` folder, or a function an installed datamill plugin exposes)."""
     budget: Union[int, float]
     """Rows to keep: a count (200) or a fraction of the candidates (0.1). When the pool (or the
     `per_family` caps) run out first, fewer rows are kept and the stats say `budget_clipped`."""
@@ -85,7 +86,7 @@ class SelectStep(Step):
 
         try:
             if is_reference(self.config.method):
-                module_file(self.config.method, env.base_dir)
+                module_file(self.config.method, env)
             else:
                 selector(self.config.method)
         except (SpecError, UserCodeError) as e:
@@ -106,7 +107,7 @@ class SelectStep(Step):
         method = self.config.method
         try:
             if is_reference(method):
-                return {"method_module": hash_file(module_file(method, env.base_dir))}
+                return {"method_module": hash_file(module_file(method, env))}
             if not is_builtin(method):
                 return {"method_source": inspect.getsource(selector(method))}
         except (SpecError, UserCodeError, OSError, TypeError):
@@ -145,7 +146,7 @@ class SelectStep(Step):
                        "model_dir": Path(ctx.model_path(cfg.model)) if cfg.model else None,
                        "work_dir": work_dir, "cache_dir": Path(ctx.shared_dir) / "select", "progress": bar.advance,
                        "shards": ctx.shards}
-            method = (load_function(cfg.method, ctx.env.base_dir) if is_reference(cfg.method)
+            method = (load_function(cfg.method, ctx.env) if is_reference(cfg.method)
                       else selector(cfg.method))
             scores = np.asarray(call(method, texts, targets, dict(cfg.params), context), dtype=np.float64)
         scored = time.monotonic()

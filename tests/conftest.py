@@ -29,6 +29,18 @@ def write_spec(tmp_path):
     return write
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """Builtins that tests build land in this session's temp folder, not in the user's own cache
+    (~/.cache/datamill/models); a DATAMILL_MODEL_CACHE that is already set is a cache to reuse."""
+    if os.environ.get("DATAMILL_MODEL_CACHE"):
+        yield
+        return
+    os.environ["DATAMILL_MODEL_CACHE"] = str(tmp_path_factory.mktemp("models"))
+    yield
+    os.environ.pop("DATAMILL_MODEL_CACHE", None)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_progress():
     from datamill import progress

@@ -94,7 +94,7 @@ def point_tables(spec: Path, overrides: list[str]) -> dict[str, dict]:
     out = {}
     for plan in datamill.plans(spec, overrides):
         tables = {}
-        for name, side in [("genqa", "main"), ("unique", "main"), ("pick", "main"), ("pick", "scores"),
+        for name, side in [("genqa", "main"), ("deduped", "main"), ("pick", "main"), ("pick", "scores"),
                            ("sft", "main"), ("sft", "log"), ("base", "main"), ("score", "main")]:
             key = plan.by_name(name).key
             assert plan.workspace.is_cached(key), f"{plan.resolved.label}: {name} did not finish"
@@ -209,8 +209,8 @@ def test_reduced_quickstart_end_to_end(reference):
     picked = {label: result.table("pick", point=i)["id"].to_list() for i, label in enumerate(labels)}
     nearest = {label: set(result.table("score", point=i)["nearest_train_id"].drop_nulls().to_list())
                for i, label in enumerate(labels)}
-    genqa = datamill.open(result.workspace.root).sql(  # "unique" is an SQL keyword: quoted
-        'SELECT id FROM genqa WHERE id IN (SELECT id FROM "unique")')["id"].to_list()
+    genqa = datamill.open(result.workspace.root).sql(  # the deduplicated rows, unquoted
+        'SELECT id FROM genqa WHERE id IN (SELECT id FROM deduped)')["id"].to_list()
     candidates = [i for i in genqa if any(i in ids for ids in picked.values())]
     assert candidates, f"no selector picked any of the {len(genqa)} GenQA rows that survived cleaning and dedup"
     # prefer a GenQA row that is also some eval example's nearest training row
@@ -224,7 +224,7 @@ def test_reduced_quickstart_end_to_end(reference):
     provenance = generated[0]["row"]
     assert provenance["gen_prompt"] in prompt_names and provenance["gen_model"] == "smol"
     assert provenance["gen_seed"] is not None and provenance["source"]
-    assert {("", "pool"), ("", "unique")} <= {(h["point"], h["table"]) for h in hits}
+    assert {("", "pool"), ("", "deduped")} <= {(h["point"], h["table"]) for h in hits}
     decisions = {h["point"]: h["row"] for h in hits if h["table"] == "pick__scores"}
     assert set(decisions) == set(labels)  # each selector's decision on this row
     chose = {label for label, row in decisions.items() if row["selected"]}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import datamill
-from datamill.errors import StepFailed
+from datamill.errors import SpecError, StepFailed
 
 PIPELINE = """\
 name: t
@@ -144,11 +144,12 @@ def test_sigkill_mid_step_then_rerun(write_spec, tmp_path):
 
 def test_spec_sql_cannot_read_outside_the_workspace(write_spec):
     path = write_spec(PIPELINE + "  leak:\n    sql: SELECT * FROM read_csv('/etc/passwd')\n")
-    with pytest.raises(StepFailed) as info:
+    with pytest.raises(SpecError) as info:  # refused before anything runs (the run's sandbox: test_sql_sandbox.py)
         datamill.run(path)
-    assert "step 'leak' (sql)" in str(info.value) and "reads outside the workspace" in str(info.value)
+    assert "steps.leak.sql.query" in str(info.value) and "read_csv('/etc/passwd')" in str(info.value)
     out = subprocess.run([sys.executable, "-m", "datamill.cli", "run", str(path)], capture_output=True, text=True)
-    assert out.returncode == 1 and "reads outside the workspace" in out.stderr and "root:" not in out.stdout + out.stderr
+    assert out.returncode == 2 and "spec SQL reads only earlier tables" in out.stderr
+    assert "root:" not in out.stdout + out.stderr
 
 
 def test_run_from_a_dict_and_the_cli_exit_codes(write_spec):

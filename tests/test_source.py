@@ -89,7 +89,7 @@ def test_csv_source_reads_text_as_text(tmp_path):
     ok = tables["main"]
     assert ok["messages"].list.get(0).struct.field("content").to_list() == ["Add the numbers\n\n42", "Say hi"]
     assert ok["gen_seed"].to_list() == [3, None]
-    assert tables["rejected"]["line"].to_list() == [3]
+    assert tables["rejected"]["line"].to_list() == [4]  # the file line: the header is line 1
     assert "empty content in message 1 (user)" in tables["rejected"]["reason"][0]
 
 
@@ -202,3 +202,161 @@ def test_hub_dataset_offline_gives_a_clear_error(tmp_path, monkeypatch):
     message = str(err.value)
     assert "cannot download dataset 'someone/not-cached-dataset-xyz' from the Hugging Face hub (offline?)" in message
     assert "path:" in message
+
+
+# --- CSV records, one at a time --------------------------------------------------------------
+
+def rejected_by_line(tables) -> dict[int, str]:
+    return dict(zip(tables["rejected"]["line"].to_list(), tables["rejected"]["reason"].to_list()))
+
+
+def test_csv_ragged_rows_are_rejected_and_the_good_rows_kept(tmp_path):
+    (tmp_path / "data.csv").write_bytes(
+        b"prompt,response\n"            # 1 header
+        b"q1,a1\n"                      # 2 ok
+        b"q2,a2,extra\n"                # 3 one field too many
+        b"q3\n"                         # 4 one field short
+        b"\n"                           # 5 blank: no record
+        b'q4,"a ""quoted"" 4"\n'        # 6 ok
+        b'q5,"a5"tail\n'                # 7 text after a closing quote
+        b"caf\xe9,a6\n"                 # 8 invalid UTF-8
+        b"q7,a7\n")                     # 9 ok
+    ctx, tables = run_source(tmp_path, {"path": "data.csv"})
+    users = tables["main"]["messages"].list.get(0).struct.field("content").to_list()
+    assert users == ["q1", "q4", "q7"]
+    assert tables["main"]["messages"].list.get(1).struct.field("content")[1] == 'a "quoted" 4'
+    reasons = rejected_by_line(tables)
+    assert sorted(reasons) == [3, 4, 7, 8]
+    assert reasons[3] == "3 fields, but the header (line 1) has 2"
+    assert reasons[4] == "1 fields, but the header (line 1) has 2"
+    assert reasons[7].startswith("malformed CSV record")
+    assert reasons[8].startswith("invalid UTF-8: byte 0xe9")
+    assert tables["rejected"].filter(pl.col("line") == 3)["raw"][0] == "q2,a2,extra"
+    assert ctx.stats["rows_out"] == 3 and ctx.stats["rejected"] == 4
+    assert ctx.stats["warning"].startswith("4 of 7 rows rejected (see src__rejected): ")
+
+
+def test_csv_unterminated_quote_rejects_the_rest_and_keeps_the_rows_before(tmp_path):
+    (tmp_path / "data.csv").write_text(
+        'prompt,response\nq1,a1\nq2,a2\nq3,"never closed\nq4,a4\nq5,a5\n')
+    _, tables = run_source(tmp_path, {"path": "data.csv"})
+    assert tables["main"]["messages"].list.get(0).struct.field("content").to_list() == ["q1", "q2"]
+    assert rejected_by_line(tables) == {
+        4: "unterminated quoted field starting on line 4: every line after it, to the end of the file "
+           "(line 6), was read as part of it"}
+    assert tables["rejected"]["raw"][0] == 'q3,"never closed\nq4,a4\nq5,a5'
+
+
+def test_csv_multi_line_fields_keep_the_line_numbers_of_later_records(tmp_path):
+    (tmp_path / "data.csv").write_text(
+        'prompt,response\n'                 # 1
+        'q1,"first line\nsecond line\n"\n'  # 2-4: one record over three lines
+        'q2,a2,extra\n'                     # 5 ragged
+        '"multi\nline question",\n'         # 6-7: empty response
+        'q3,a3\n')                          # 8
+    _, tables = run_source(tmp_path, {"path": "data.csv"})
+    assert tables["main"]["messages"].list.get(1).struct.field("content").to_list() == [
+        "first line\nsecond line\n", "a3"]
+    reasons = rejected_by_line(tables)
+    assert sorted(reasons) == [5, 6]
+    assert reasons[5].startswith("3 fields")
+    assert reasons[6] == "empty content in message 2 (assistant)"
+
+
+def test_csv_with_a_repeated_header_column_is_a_clear_error(tmp_path):
+    (tmp_path / "data.csv").write_text("prompt,response,prompt\nq,a,q\n")
+    with pytest.raises(DatamillError, match=r"data.csv line 1: the CSV header repeats column 'prompt'"):
+        run_source(tmp_path, {"path": "data.csv"})
+
+
+def test_raw_csv_infers_types_from_the_good_rows(tmp_path):
+    (tmp_path / "data.csv").write_text('n,x,text\n1,0.5,"a, b"\n2,1.5\n3,,c\n')
+    _, tables = run_source(tmp_path, {"path": "data.csv", "schema": "raw"})
+    assert tables["main"].schema == {"n": pl.Int64, "x": pl.Float64, "text": pl.String}
+    assert tables["main"].rows() == [(1, 0.5, "a, b"), (3, None, "c")]
+    assert tables["rejected"]["line"].to_list() == [3]
+
+
+# --- empty inputs and sources that reject everything -----------------------------------------
+
+def _write_empty(tmp_path, kind: str) -> str:
+    """An input with no rows, in each format; returns its path."""
+    if kind == "jsonl":
+        (tmp_path / "e.jsonl").write_text("")
+        return "e.jsonl"
+    if kind == "json array":
+        (tmp_path / "e.json").write_text("[]")
+        return "e.json"
+    if kind == "parquet":
+        pl.DataFrame(schema={"prompt": pl.String, "response": pl.String}).write_parquet(tmp_path / "e.parquet")
+        return "e.parquet"
+    if kind == "csv header only":
+        (tmp_path / "e.csv").write_text("prompt,response\n")
+        return "e.csv"
+    if kind == "csv empty":
+        (tmp_path / "e.csv").write_text("")
+        return "e.csv"
+    if kind == "hf_disk":
+        import datasets
+
+        datasets.Dataset.from_dict({"prompt": [], "response": []}).save_to_disk(str(tmp_path / "e"))
+        return "e"
+    raise AssertionError(kind)
+
+
+EMPTY_KINDS = ["jsonl", "json array", "parquet", "csv header only", "csv empty", "hf_disk"]
+
+
+@pytest.mark.parametrize("kind", EMPTY_KINDS)
+def test_an_empty_input_fails_the_same_way_in_every_format(tmp_path, kind):
+    path = _write_empty(tmp_path, kind)
+    with pytest.raises(DatamillError) as err:
+        run_source(tmp_path, {"path": path})
+    assert str(err.value) == f"read 0 rows from {path}; set `allow_empty: true` on source 'src' if that is expected"
+
+
+@pytest.mark.parametrize("kind", EMPTY_KINDS)
+def test_allow_empty_gives_an_empty_instruction_table_in_every_format(tmp_path, kind):
+    path = _write_empty(tmp_path, kind)
+    ctx, tables = run_source(tmp_path, {"path": path, "allow_empty": True})
+    assert tables["main"].height == 0 and tables["rejected"].height == 0
+    assert {k: tables["main"].schema[k] for k in INSTRUCTION_SCHEMA} == INSTRUCTION_SCHEMA
+    assert "warning" not in ctx.stats
+
+
+def _datamill(*args, cwd):
+    """The CLI in a subprocess; a wide console so that the step summary lines are not wrapped."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "datamill.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "300"})
+
+
+def test_a_source_that_rejects_every_row_fails_with_the_reasons_and_the_accepted_layouts(tmp_path):
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(4)] + [b"{not json"]
+    (tmp_path / "qa.jsonl").write_bytes(jsonl(rows))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: t\ntracking: {enabled: false}\nsources:\n  qa: {path: qa.jsonl}\n"
+                    "steps:\n  n: {sql: SELECT count(*) AS n FROM qa}\n")
+
+    failed = _datamill("run", str(spec), cwd=tmp_path)
+    assert failed.returncode == 1
+    message = failed.stderr
+    assert "step 'qa' (source) failed: all 5 rows of qa.jsonl were rejected; main reasons:" in message
+    assert ("4 x missing field: expected one of messages | prompt+response | instruction+output | "
+            "conversations (row has: answer, question) (first: qa.jsonl line 1)") in message
+    assert "1 x invalid JSON" in message and "(first: qa.jsonl line 5)" in message
+    assert ("accepted rows: {messages: [{role, content}, ...]}, {prompt, response} (+ system), "
+            "{instruction, output} (+ input; Alpaca), {conversations: [{from, value}, ...]} (ShareGPT); "
+            "or set `schema: raw` to keep columns as they are") in message
+    assert "set `allow_empty: true` on source 'qa'" in message
+
+    spec.write_text(spec.read_text().replace("{path: qa.jsonl}", "{path: qa.jsonl, allow_empty: true}"))
+    allowed = _datamill("run", str(spec), cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr
+    # the step's summary line still says what happened
+    assert "warning: 5 of 5 rows rejected (see qa__rejected): 4 x missing field" in allowed.stderr
+    rejected = _datamill("sql", str(spec), "SELECT line FROM qa__rejected ORDER BY line", cwd=tmp_path)
+    assert rejected.returncode == 0 and "5" in rejected.stdout

@@ -47,7 +47,7 @@ def test_sweep_2x2_makes_parent_and_four_children_and_runs_upstream_once(write_s
     assert thresholds == ["0.5", "0.5", "0.9", "0.9"]
     child = children[0]
     assert child.data.params["sources.tasks.path"] == "data/tasks.jsonl"
-    assert child.data.tags["step.clean.key"] and child.data.metrics["rows.tasks__rejected"] == 3
+    assert child.data.tags["step.clean.key"] and child.data.tags["step.tasks.rows.rejected"] == "3"
     assert {d.dataset.name for d in child.inputs.dataset_inputs} >= {"tasks", "clean", "clean__removed", "pick"}
     # artifacts stay in the workspace's store, not in the current directory
     artifacts = Path(path).parent / ".datamill" / "mlartifacts"

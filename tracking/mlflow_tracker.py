@@ -8,6 +8,7 @@ secret read with `read_secret_env` must never reach the store.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -20,8 +21,8 @@ from mlflow.exceptions import MlflowException
 from datamill.secrets import scrub
 from datamill.tracker import StepRecord, TableRecord
 from tracking.params import (
-    MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH, flatten_params,
-    sanitize_key, to_text, truncate, walk,
+    MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH, flatten_params, is_housekeeping,
+    sanitize_key, to_text, truncate, unique_keys, walk,
 )
 
 TRUNCATED_TAG = "datamill.truncated_params"
@@ -36,6 +37,11 @@ class MlflowTracker:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         self._experiments: dict[str, str] = {}
+        # The first use of a store creates its tables (or migrates them). Two processes doing
+        # that to one new sqlite file at once fail ("table experiments already exists"), so it
+        # happens here, under a lock that the other process waits for.
+        with _store_creation_lock(uri):
+            self.client.search_experiments(max_results=1)
 
     # --- runs ---
     def start_run(self, *, experiment: str, run_name: str, parent_run_id: str | None,
@@ -64,41 +70,63 @@ class MlflowTracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             return 0
-        quoted = workspace.replace("'", "\\'")
         stale = self.client.search_runs(
             [found.experiment_id], max_results=1000,
-            filter_string=f"attributes.status = 'RUNNING' and tags.`datamill.workspace` = '{quoted}'")
+            filter_string=f"attributes.status = 'RUNNING' and tags.`datamill.workspace` = {_quoted(workspace)}")
         for run in stale:
             self.client.set_tag(run.info.run_id, "datamill.closed_by", "the next run: this one was interrupted")
             self.client.set_terminated(run.info.run_id, status="KILLED")
         return len(stale)
 
+    def find_runs(self, experiment: str, tags: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        wanted = " and ".join(f"tags.`{key}` = {_quoted(value)}" for key, value in tags.items())
+        runs, token = [], None
+        while True:  # search_runs answers in pages
+            page = self.client.search_runs([found.experiment_id], filter_string=f"attributes.status = 'FINISHED' and {wanted}",
+                                           order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
+            runs += [(run.info.run_id, dict(run.data.tags)) for run in page]
+            token = page.token
+            if not token:
+                return runs
+
     # --- logging ---
     def log_step(self, run_id: str, step: StepRecord) -> None:
+        """The step's results as metrics `<step>.<stat>`; how it went (row counts, seconds,
+        sharding: `is_housekeeping`) as tags `step.<step>.<stat>`, beside its key and cache status.
+        MLflow lists a run's metrics alphabetically and no character it allows in a key sorts
+        after the letters, so no prefix could keep that bookkeeping below the results; as tags
+        it leaves the metrics (and the charts) to the results."""
         if step.tables:
             self.client.log_inputs(run_id, datasets=[_dataset_input(t, step.name) for t in step.tables])
-        metrics = {f"rows.{t.name}": t.rows for t in step.tables}
-        metrics[f"seconds.{step.name}"] = step.seconds
-        tags = {f"step.{step.name}.key": step.key, f"step.{step.name}.cached": to_text(step.cached)}
+        metrics = {}
+        tags = {f"step.{step.name}.key": step.key, f"step.{step.name}.cached": to_text(step.cached),
+                f"step.{step.name}.seconds": to_text(round(step.seconds, 3))}
         if step.model_dir is not None:
             # only the path: models are large and already live in the workspace cache
             tags[f"step.{step.name}.model_path"] = str(step.model_dir)
         for key, value in walk(step.stats):
-            if _is_number(value):
+            if _is_number(value) and not is_housekeeping(key):
                 metrics[f"{step.name}.{key}"] = value
             elif key:
                 tags[f"step.{step.name}.{key}"] = to_text(value)
+        for table in step.tables:  # after the stats: the row counts read from the files win
+            side = "main" if table.name == step.name else table.name.removeprefix(f"{step.name}__")
+            tags[f"step.{step.name}.rows.{side}"] = to_text(table.rows)
         now = _now_ms()
         self._log_batch(
             run_id,
-            metrics=[Metric(sanitize_key(k), float(v), now, 0) for k, v in metrics.items()],
-            tags=[RunTag(sanitize_key(k), _tag_value(v)) for k, v in tags.items()],
+            metrics=[Metric(k, float(v), now, 0) for k, v in zip(unique_keys(list(metrics)), metrics.values())],
+            tags=[RunTag(k, _tag_value(v)) for k, v in zip(unique_keys(list(tags)), tags.values())],
         )
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        metrics = {k: v for k, v in metrics.items() if _is_number(v)}
         now = _now_ms()
         self._log_batch(run_id, metrics=[
-            Metric(sanitize_key(k), float(v), now, step or 0) for k, v in metrics.items() if _is_number(v)
+            Metric(k, float(v), now, step or 0) for k, v in zip(unique_keys(list(metrics)), metrics.values())
         ])
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
@@ -195,6 +223,32 @@ def _mlflow_type(arrow_type: str):
         if re.fullmatch(pattern, arrow_type.strip()):
             return DataType[name]
     return DataType.string  # lists, structs, dictionaries...: shown as text in the UI
+
+
+@contextlib.contextmanager
+def _store_creation_lock(uri: str):
+    """An exclusive lock on `<sqlite file>.lock` beside a sqlite store (other stores: none)."""
+    if not uri.startswith("sqlite:"):
+        yield
+        return
+    import fcntl
+
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:":
+        yield
+        return
+    lock = Path(f"{Path(database).resolve()}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)  # sqlite makes the file, not its folder
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def _quoted(value: str) -> str:
+    """A string literal for an MLflow search filter."""
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 def _scrub_tree(obj):

@@ -25,6 +25,18 @@ TRUNCATED_SUFFIX = "…(truncated, see spec.yaml)"
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
+# Stats that say how a step went rather than what it found: its tables' sizes, timings, sharding.
+# MlflowTracker.log_step keeps them out of the metrics (see there for why).
+_HOUSEKEEPING_PARTS = {"rows", "seconds", "shards", "shard_seconds"}
+
+
+def is_housekeeping(key: str) -> bool:
+    """Whether a dotted stats key ("rows.main", "shard_seconds.max", "train_seconds") is
+    bookkeeping (row counts, timings, sharding) rather than a result."""
+    parts = key.split(".")
+    return any(part in _HOUSEKEEPING_PARTS for part in parts) or parts[-1].endswith("_seconds")
+
+
 def walk(nested, prefix: str = "") -> Iterator[tuple[str, object]]:
     """(dotted key, leaf) for every leaf of nested dicts/lists; list items are keyed by index.
     Empty dicts/lists are leaves, so an explicit `{}` in a spec still shows up."""
@@ -81,14 +93,25 @@ def flatten_params(nested: dict, prefix: str = "") -> tuple[dict[str, str], dict
     Returns (params, truncated): `truncated` maps each param whose value was cut to
     MAX_PARAM_VAL_LENGTH (it then ends with TRUNCATED_SUFFIX) to its original length.
     Keys that sanitise to the same text get a hash suffix so no value is lost."""
+    leaves = list(walk(nested, prefix))
     params: dict[str, str] = {}
     truncated: dict[str, int] = {}
-    for raw_key, leaf in walk(nested, prefix):
-        key = sanitize_key(raw_key)
-        if key in params:
-            key = sanitize_key(f"{key}.{_short_hash(raw_key)}")
+    for key, (_, leaf) in zip(unique_keys([k for k, _ in leaves]), leaves):
         text = to_text(leaf)
         params[key] = truncate(text, MAX_PARAM_VAL_LENGTH)
         if len(text) > MAX_PARAM_VAL_LENGTH:
             truncated[key] = len(text)
     return params, truncated
+
+
+def unique_keys(raw_keys: list[str]) -> list[str]:
+    """Each key sanitised (`sanitize_key`); a key that sanitises to one already taken gets a hash
+    of its original text appended, so that no value overwrites another."""
+    out, taken = [], set()
+    for raw in raw_keys:
+        key = sanitize_key(raw)
+        if key in taken:
+            key = sanitize_key(f"{key}.{_short_hash(raw)}")
+        taken.add(key)
+        out.append(key)
+    return out

@@ -2,17 +2,20 @@
 
 The server is a child process in its own process group (uvicorn may fork workers), with its
 job runner off: otherwise MLflow 3.17 starts ~11 processes and ~2 GB of RAM for features we
-do not use.
+do not use. Being in its own session, it gets none of the signals sent to `datamill ui`: `serve`
+stops it on the way out, whatever ends it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,10 +44,10 @@ def start_server(uri: str, artifact_root: Path, host: str = "127.0.0.1", port: i
            "--host", host, "--port", str(port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = tempfile.TemporaryFile()  # a file, not a pipe: nobody reads a pipe, so it could fill and block the server
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.log = log  # type: ignore[attr-defined]  # read on failure, closed by stop_server
     url = f"http://{host}:{port}"
-    try:
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:  # at once: a signal turned into an exception (serve) must not leave the server behind
+        proc.log = log  # type: ignore[attr-defined]  # read on failure, closed by stop_server
         _wait_healthy(proc, url, timeout)
     except BaseException:
         stop_server(proc)
@@ -67,23 +70,49 @@ def stop_server(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 def serve(uri: str, artifact_root: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
-    """Run the MLflow UI until Ctrl-C."""
+    """Run the MLflow UI until Ctrl-C, SIGTERM or SIGHUP (a closed terminal); the server never
+    outlives it. SIGTERM and SIGHUP exit with 128 + the signal's number (143, 129), the code a
+    shell reports for a process those signals killed, once the server has stopped."""
     from rich.console import Console
 
     console = Console(stderr=True)
-    try:
-        with console.status("starting the MLflow UI (about 10 s)"):
-            proc, url = start_server(uri, artifact_root, host=host, port=port)
-    except KeyboardInterrupt:
-        return  # start_server already stopped the half-started server
-    console.print(f"MLflow UI: [bold link={url}]{url}[/]  (Ctrl-C stops it)")
-    try:
-        rc = proc.wait()
-    except KeyboardInterrupt:
-        stop_server(proc)
+    with _exit_on(signal.SIGTERM, signal.SIGHUP):
+        try:
+            with console.status("starting the MLflow UI (about 10 s)"):
+                proc, url = start_server(uri, artifact_root, host=host, port=port)
+        except KeyboardInterrupt:
+            return  # start_server already stopped the half-started server (it does on any exception)
+        try:
+            console.print(f"MLflow UI: [bold link={url}]{url}[/]  (Ctrl-C stops it)")
+            rc = proc.wait()
+            if rc != 0:
+                raise DatamillError(f"mlflow server exited with code {rc}:\n{_log_tail(proc)}")
+        except KeyboardInterrupt:
+            return
+        finally:
+            stop_server(proc)  # after Ctrl-C, a signal or any error; only closes the log if it exited
+
+
+@contextlib.contextmanager
+def _exit_on(*signums: int):
+    """Inside the block, these signals raise SystemExit(128 + signal), so `finally` clauses (and
+    start_server's cleanup) stop the server. Python's default for SIGTERM and SIGHUP is to die at
+    once, cleaning nothing up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers; serve's caller then owns the signals
         return
-    if rc != 0:
-        raise DatamillError(f"mlflow server exited with code {rc}:\n{_log_tail(proc)}")
+
+    def handler(signum, frame):
+        for s in signums:  # a second signal must not interrupt the cleanup the first one started
+            signal.signal(s, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:

@@ -210,7 +210,8 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
     summary = {}
     if accelerator.is_main_process:
         with _quiet_libraries():
-            _save_model(cfg, accelerator.unwrap_model(model), tokenizer, out_dir / "model")
+            _save_model(cfg, accelerator.unwrap_model(model), tokenizer, out_dir / "model",
+                        _declared_dtype(job.model_dir))
         _write_jsonl(out_dir / "log.jsonl", history)
         if (state_dir / "epochs").is_dir():
             shutil.copytree(state_dir / "epochs", out_dir / "epochs", dirs_exist_ok=True)
@@ -539,12 +540,31 @@ def _quantized_kwargs(bits: str) -> dict:
     return {"quantization_config": quant, "dtype": torch.bfloat16}
 
 
-def _save_model(cfg: TrainConfig, model, tokenizer, folder: Path) -> None:
-    """An HF folder: merged weights (LoRA merged into the base) or the adapter alone."""
+def _save_model(cfg: TrainConfig, model, tokenizer, folder: Path, base_dtype=None) -> None:
+    """An HF folder: merged weights (LoRA merged into the base) or the adapter alone.
+
+    A merged model is saved in the dtype its base declares, not in the float32 that training
+    upcast it to: a bf16 base would otherwise come back twice its size on disk."""
     if cfg.lora is not None and cfg.save == "merged":
         model = model.merge_and_unload()
+        if base_dtype is not None and cfg.lora.quantize == "none":  # a bitsandbytes model cannot be cast
+            model = model.to(base_dtype)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def _declared_dtype(model_dir: str):
+    """The weights' dtype a model folder's config.json declares ("dtype", "torch_dtype" before
+    transformers 5); None when it declares none or has no config.json (an adapter-only folder)."""
+    import torch
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def _clip(accelerator, model, max_norm):

@@ -16,7 +16,8 @@ class PolarsConfig(StepConfig):
     """Transform tables with your own Python function."""
 
     function: str
-    """`module:function`; the module is looked up next to the spec first, then on sys.path."""
+    """`module:function`: a module in the spec's folder or a `code:` folder (`pkg.mod` inside a
+    package), or a function an installed datamill plugin exposes as an entry point."""
     input: str | list[str]
     """Table(s) passed to the function: one name -> one DataFrame argument; a list -> keyword arguments by name."""
     args: dict[str, Any] = {}
@@ -40,7 +41,7 @@ class PolarsStep(Step):
 
     def _module_file(self, env: Env) -> Path:
         try:
-            return module_file(self.config.function, env.base_dir)
+            return module_file(self.config.function, env)
         except UserCodeError as e:
             raise FieldError("function", str(e)) from None
 
@@ -54,7 +55,7 @@ class PolarsStep(Step):
     def run(self, ctx) -> None:
         import polars as pl
 
-        func = load_function(self.config.function, ctx.env.base_dir)
+        func = load_function(self.config.function, ctx.env)
         if isinstance(self.config.input, str):
             result = func(ctx.read(self.config.input), **self.config.args)
         else:

@@ -3,8 +3,10 @@
 With `schema: instruction` (the default) every row is normalised to the canonical
 instruction schema (see `datamill/records.py`); with `schema: raw` columns are kept as they
 are. Either way a row that cannot be read (invalid UTF-8, bad JSON, not an object, over
-`max_row_bytes`) or normalised goes to `<name>__rejected` with its line number and the
-reason: nothing is dropped silently.
+`max_row_bytes`, a CSV record with the wrong number of fields or an unterminated quote) or
+normalised goes to `<name>__rejected` with its line number and the reason: nothing is dropped
+silently. A source that ends with no row at all (an empty file, or every row rejected) fails
+with the reasons unless `allow_empty: true`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ class SourceConfig(StepConfig):
     """Rows larger than this (as JSON text) are rejected rather than loaded."""
     limit: int | None = Field(None, gt=0)
     """Read only the first N rows of the input (rejected rows count too); for quick trials."""
+    allow_empty: bool = False
+    """Let the source end with no rows. By default an input with no rows (an empty file, a CSV
+    with only a header, a Parquet file of 0 rows) or whose every row is rejected fails the step
+    with the main reasons, since that is almost always a wrong file or a wrong row layout."""
 
     @model_validator(mode="after")
     def _one_origin(self):
@@ -110,15 +116,42 @@ class SourceStep(Step):
         if not oks:  # a limit of rows reached before the first file, or an empty folder
             oks, rejects = [self._empty_ok()], [_empty_rejected()]
         ok, rejected = concat_frames(oks), concat_frames(rejects)
+        if ok.height == 0 and not self.config.allow_empty:
+            raise DatamillError(self._no_rows_message(ctx.name, rejected))
         if not ok.columns:
-            # `schema: raw` with no good row has no columns to give the table, and a Parquet
-            # file without columns is unreadable (DuckDB refuses it): fail with the reason.
-            first = f"; first problem, line {rejected['line'][0]}: {rejected['reason'][0]}" if rejected.height else ""
-            raise DatamillError(f"no rows could be read ({rejected.height} rejected){first}")
+            # `schema: raw` with no good row of a JSON input has no columns to give the table, and
+            # a Parquet file without columns is unreadable (DuckDB refuses it): fail with the reason.
+            raise DatamillError(f"`schema: raw` found no good row in {self._origin()} to take the columns "
+                                f"from ({rejected.height} rejected); an empty table needs columns, which "
+                                "only a CSV header or a Parquet/datasets schema can give")
         ctx.write(ok)
         ctx.reject(rejected)
         ctx.stats.update({"rows_in": ok.height + rejected.height, "rows_out": ok.height,
                           "rejected": rejected.height})
+        if rejected.height:
+            # Shown under the step's row counts (executor `_rows_note`) and kept as an MLflow tag.
+            ctx.stats["warning"] = (f"{rejected.height} of {ok.height + rejected.height} rows rejected "
+                                    f"(see {ctx.name}__rejected): " + "; ".join(_top_reasons(rejected)))
+
+    def _origin(self) -> str:
+        """The input as the user wrote it, for messages."""
+        cfg = self.config
+        return cfg.path if cfg.path is not None else f"hub dataset {cfg.hf} (split {cfg.split})"
+
+    def _no_rows_message(self, name: str, rejected) -> str:
+        if rejected.height == 0:
+            return (f"read 0 rows from {self._origin()}; set `allow_empty: true` on source '{name}' "
+                    "if that is expected")
+        rows = f"all {rejected.height} rows" if rejected.height > 1 else "the only row"
+        lines = [f"{rows} of {self._origin()} {'were' if rejected.height > 1 else 'was'} rejected; main reasons:"]
+        lines += [f"  {reason}" for reason in _top_reasons(rejected)]
+        if self.config.record_schema == "instruction":
+            from datamill.records import accepted_rows_note
+
+            lines.append(accepted_rows_note())
+        lines.append(f"set `allow_empty: true` on source '{name}' to go on with no rows "
+                     f"(the rejected rows then land in {name}__rejected)")
+        return "\n".join(lines)
 
     def _readers(self, ctx) -> Iterator[tuple[str, "FileReader"]]:
         """(label for the `file` column of rejected rows, reader) for each input file/dataset."""
@@ -134,7 +167,7 @@ class SourceStep(Step):
             if fmt == "hf_disk":
                 yield label, TableReader(load_disk_table(file, cfg.split))
             else:
-                yield label, make_file_reader(file, fmt, cfg.record_schema == "raw")
+                yield label, make_file_reader(file, fmt)
 
     def _read_one(self, ctx, label: str, reader: "FileReader", budget: "RowBudget"):
         from datamill.progress import bar
@@ -251,6 +284,15 @@ class FileReader:
         return frame_from_dicts([row for _, row in rows])
 
 
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _invalid_utf8(raw: bytes, err: UnicodeDecodeError) -> str:
+    return f"invalid UTF-8: byte 0x{raw[err.start]:02x} at position {err.start}"
+
+
 class JsonlReader(FileReader):
     """JSON Lines, read as bytes so that one bad line is one rejected row, not a failed step."""
 
@@ -258,8 +300,7 @@ class JsonlReader(FileReader):
         self.path = path
 
     def count_rows(self) -> int:
-        with open(self.path, "rb") as f:
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        return _count_lines(self.path)
 
     def items(self, max_row_bytes: int):
         import json
@@ -279,7 +320,7 @@ class JsonlReader(FileReader):
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    yield line_no, raw, f"invalid UTF-8: byte 0x{raw[err.start]:02x} at position {err.start}"
+                    yield line_no, raw, _invalid_utf8(raw, err)
                     continue
                 try:
                     row = json.loads(text)
@@ -324,8 +365,110 @@ class JsonArrayReader(FileReader):
             yield number, row, None
 
 
+class CsvReader(FileReader):
+    """CSV with a header line, parsed record by record with Python's csv module so that a bad
+    record (wrong number of fields, text after a closing quote, invalid UTF-8, an unterminated
+    quote) is one rejected row numbered by the file line where it starts, not a failed step.
+    Values stay text; `schema: raw` infers column types from the good rows afterwards."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.header: list[str] | None = None  # known once `items` has read the first record
+        self.header_line = 0
+
+    def count_rows(self) -> int:
+        return max(_count_lines(self.path) - 1, 0)  # a record per line after the header, mostly
+
+    def items(self, max_row_bytes: int):
+        import csv
+
+        from datamill.records import oversized_reason
+
+        # A record is bounded by max_row_bytes below; csv's own 128 KiB field limit would
+        # reject long texts with a less useful message.
+        csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+        with open(self.path, "rb") as f:
+            consumed: list[bytes] = []  # the raw lines of the record being parsed
+
+            def lines():
+                for number, raw in enumerate(f, 1):
+                    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+                        raw = raw[3:]
+                    consumed.append(raw)
+                    # surrogateescape keeps bad bytes parseable; the record is checked as UTF-8 below
+                    yield raw.decode("utf-8", errors="surrogateescape")
+
+            # strict: text after a closing quote and an unterminated quote raise instead of
+            # being silently glued into a field.
+            reader = csv.reader(lines(), strict=True)
+            start = 1  # the file line where the next record starts
+            while True:
+                problem = None
+                try:
+                    fields = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as err:
+                    fields, problem = None, self._csv_problem(err, start, reader.line_num)
+                line, start = start, reader.line_num + 1
+                raw = b"".join(consumed).rstrip(b"\r\n")
+                consumed.clear()
+                if problem is None and not fields:
+                    continue  # a blank line holds no record
+                if problem is None and len(raw) > max_row_bytes:
+                    problem = oversized_reason(len(raw), max_row_bytes)
+                if problem is None:
+                    try:
+                        raw.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        problem = _invalid_utf8(raw, err)
+                if self.header is None:
+                    self._set_header(fields, line, problem)
+                    continue
+                if problem is None and len(fields) != len(self.header):
+                    problem = (f"{len(fields)} fields, but the header (line {self.header_line}) "
+                               f"has {len(self.header)}")
+                if problem is not None:
+                    yield line, raw, problem
+                    continue
+                yield line, dict(zip(self.header, fields)), None
+
+    @staticmethod
+    def _csv_problem(err, start: int, end: int) -> str:
+        if "unexpected end of data" in str(err):
+            return (f"unterminated quoted field starting on line {start}: every line after it, "
+                    f"to the end of the file (line {end}), was read as part of it")
+        return f"malformed CSV record: {err}"
+
+    def _set_header(self, fields, line: int, problem: str | None) -> None:
+        if problem is not None:
+            raise DatamillError(f"{self.path} line {line}: cannot read the CSV header: {problem}")
+        repeated = sorted({name for name in fields if fields.count(name) > 1})
+        if repeated:
+            raise DatamillError(f"{self.path} line {line}: the CSV header repeats column "
+                                f"{', '.join(repr(n) for n in repeated)}; column names must be unique")
+        self.header, self.header_line = fields, line
+
+    def raw_frame(self, rows):
+        import csv
+        import io
+
+        import polars as pl
+
+        rows = [row for _, row in rows]
+        if not rows:
+            return pl.DataFrame(schema={name: pl.String for name in self.header or []})
+        # Let Polars infer the column types of the good rows, as it would for the whole file.
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self.header)
+        writer.writeheader()
+        writer.writerows(rows)
+        return pl.read_csv(io.BytesIO(text.getvalue().encode("utf-8")), infer_schema_length=None,
+                           empty_string_is_null=True)
+
+
 class TableReader(FileReader):
-    """An already tabular input (parquet, csv, Arrow from `datasets`): rows numbered from 1."""
+    """An already tabular input (parquet, Arrow from `datasets`): rows numbered from 1."""
 
     def __init__(self, frame):
         self.frame = frame
@@ -349,25 +492,24 @@ class TableReader(FileReader):
         return self.frame[[n - 1 for n in numbers]] if numbers else self.frame.head(0)
 
 
-def make_file_reader(file: Path, fmt: str, raw: bool) -> FileReader:
+def make_file_reader(file: Path, fmt: str) -> FileReader:
     import polars as pl
 
     if fmt == "jsonl":
         return JsonlReader(file)
+    if fmt == "csv":
+        # Instruction text stays text (an `input` of "42" is not a number); `schema: raw` infers types.
+        return CsvReader(file)
     if fmt == "json":
         # Many ".json" files (HF exports among them) are really JSON Lines: look at the first byte.
         with open(file, "rb") as f:
             head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
         return JsonArrayReader(file) if head.startswith(b"[") else JsonlReader(file)
-    try:
-        if fmt == "parquet":
+    if fmt == "parquet":
+        try:
             return TableReader(pl.read_parquet(file))
-        if fmt == "csv":
-            # Instruction text is text: don't let type inference turn an `input` of "42" into a number.
-            return TableReader(pl.read_csv(file, infer_schema=raw, infer_schema_length=None,
-                                           empty_string_is_null=raw))
-    except (pl.exceptions.PolarsError, OSError) as err:
-        raise DatamillError(f"cannot read {file} as {fmt}: {err}") from None
+        except (pl.exceptions.PolarsError, OSError) as err:
+            raise DatamillError(f"cannot read {file} as {fmt}: {err}") from None
     raise DatamillError(f"unknown format {fmt!r}")
 
 
@@ -383,12 +525,33 @@ def load_disk_table(path: Path, split: str):
     """A folder written by `save_to_disk` (a Dataset, or a DatasetDict and the `split` to take)."""
     import datasets
 
+    empty = _empty_saved_split(path, split)
+    if empty is not None:
+        return empty
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DatamillError(f"{path} has no split '{split}' (it has: {', '.join(loaded)})")
         loaded = loaded[split]
     return _dataset_to_polars(loaded)
+
+
+def _empty_saved_split(path: Path, split: str):
+    """A saved dataset of 0 rows as an empty table, else None. `save_to_disk` writes no data
+    file for 0 rows and `load_from_disk` then fails (IndexError): take the columns from
+    dataset_info.json instead, so an empty saved dataset reads as 0 rows like any empty file."""
+    import json
+
+    folder = path / split if (path / "dataset_dict.json").is_file() else path
+    state = folder / "state.json"
+    if not state.is_file() or json.loads(state.read_text()).get("_data_files"):
+        return None
+    import datasets
+    import polars as pl
+
+    info = json.loads((folder / "dataset_info.json").read_text())
+    features = datasets.Features.from_dict(info.get("features") or {})
+    return pl.from_arrow(features.arrow_schema.empty_table())
 
 
 def load_hub_table(cfg: SourceConfig):
@@ -433,6 +596,25 @@ def _dataset_to_polars(dataset):
 
     # The arrow formatter applies any indices mapping (select/shuffle) that `.data` would ignore.
     return pl.from_arrow(dataset.with_format("arrow")[:])
+
+
+def _top_reasons(rejected, top: int = 3) -> list[str]:
+    """The most frequent distinct reasons of a rejected table: "N x reason (first: file line L)"."""
+    import polars as pl
+
+    counts = (rejected.group_by("reason", maintain_order=True)
+              .agg(pl.len().alias("n"), pl.first("file"), pl.first("line"))
+              .sort("n", descending=True, maintain_order=True))
+    shown = [f"{n} x {_shorten(reason)} (first: {file} line {line})"
+             for reason, n, file, line in counts.head(top).iter_rows()]
+    if counts.height > top:
+        rest = counts["n"][top:].sum()
+        shown.append(f"{rest} more rows with {counts.height - top} other reasons")
+    return shown
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _literal(name: str, value: str):
