@@ -10,8 +10,9 @@ Outputs:
 
 Stats (and so MLflow metrics `<step>.tasks.<task>.<metric>`): every task's metrics and their
 stderr; `lm_eval_command.<task>`: the `lm_eval` command line that gives the same numbers (also
-the MLflow tag `step.<step>.lm_eval_command.<task>`). Tasks come from evals/tasks/ (shipped, offline), your `include_path` folders, and with
-`lm_eval_defaults: true` lm-eval's built-in tasks (their data comes from the hub).
+the MLflow tag `step.<step>.lm_eval_command.<task>`). Tasks come from evals/tasks/ (shipped,
+offline), your `include_path` folders, and with `lm_eval_defaults: true` lm-eval's built-in tasks
+(their data comes from the hub).
 """
 
 from __future__ import annotations
