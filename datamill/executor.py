@@ -103,7 +103,7 @@ def execute(plans: list[Plan], tracker=None) -> RunResult:
                 parent = tracker.start_run(
                     experiment=experiment, run_name=f"{spec.name} (sweep of {len(plans)})", parent_run_id=None,
                     params=_params(first, sweep=True), tags=_tags(first, role="sweep", digest=_sweep_digest(plans)),
-                    spec_yaml=_spec_yaml(first))
+                    spec_yaml=_spec_yaml(first, sweep=True))
                 result.run_id = parent
             if spec.executor.kind == "ray" and len(plans) > 1:
                 _run_points_at_once(plans, tracker, experiment, parent, result)
@@ -140,8 +140,9 @@ def _is_sweep(plans: list[Plan]) -> bool:
 # An unchanged re-run reuses every step; logging it again would only add copies of the same
 # runs to MLflow. Each run carries a digest of what it logged (DIGEST_TAG: the experiment, spec,
 # point and every step's key; a sweep's parent: its points'), so a re-run whose steps are all
-# cached asks MLflow for FINISHED runs with its digests and reuses them. Runs deleted since are
-# not found: the results are logged again.
+# cached asks the store for FINISHED runs with its digests (Tracker.find_runs: a query; on a
+# sqlite store without starting MLflow, which takes seconds) and reuses them. Runs deleted since
+# are not found: the results are logged again.
 
 DIGEST_TAG = "datamill.digest"
 
@@ -507,12 +508,26 @@ def _views(plan: Plan) -> dict[str, Path]:
 # --------------------------------------------------------------------------- what MLflow gets
 
 
-def _dump(plan: Plan) -> dict:
-    return redact_config(plan.resolved.spec.model_dump(mode="json", exclude_none=True))
+SWEPT = "(swept: see sweep)"
+
+
+def _dump(plan: Plan, sweep: bool = False) -> dict:
+    """The resolved spec; for a sweep's parent, the swept fields say so instead of showing the
+    first point's values (the parent is every point)."""
+    data = redact_config(plan.resolved.spec.model_dump(mode="json", exclude_none=True))
+    if sweep:
+        for dotted in plan.resolved.point:
+            *parents, last = str(dotted).split(".")
+            node = data
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and last in node:
+                node[last] = SWEPT
+    return data
 
 
 def _params(plan: Plan, sweep: bool = False) -> dict:
-    params = _dump(plan)
+    params = _dump(plan, sweep)
     params.pop("sweep", None)
     if sweep:
         params["sweep"] = redact_config(plan.resolved.raw.get("sweep") or {})
@@ -521,10 +536,13 @@ def _params(plan: Plan, sweep: bool = False) -> dict:
     return params
 
 
-def _spec_yaml(plan: Plan) -> str:
+def _spec_yaml(plan: Plan, sweep: bool = False) -> str:
     import yaml
 
-    return scrub(yaml.safe_dump(_dump(plan), sort_keys=False, allow_unicode=True))
+    data = _dump(plan, sweep)
+    if sweep:
+        data["sweep"] = redact_config(plan.resolved.raw.get("sweep") or {})
+    return scrub(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
 def _tags(plan: Plan, role: str, digest: str | None = None) -> dict[str, str]:

@@ -101,24 +101,30 @@ def bars(path: Path, rows: list[str], columns: list[str], values: list[list[floa
     plt = _pyplot()
     width = min(4, len(columns))
     height = math.ceil(len(columns) / width)
-    # metric names are long and have no spaces: broken after "." or "_" so a title stays over its chart
+    # metric names are long and have no spaces: broken into lines so a title stays over its chart
+    # (about 0.06 inch a character at 8 points: 34 fit over the 2.2-inch charts); each chart as
+    # wide again as its longest row label, so the labels do not squeeze it below its title
     titles = [_wrap(column, 34) for column in columns]
     title_lines = [max(t.count("\n") + 1 for t in titles[r * width:(r + 1) * width]) for r in range(height)]
+    labels = {row: _wrap(row, 30) for row in rows}
+    label_width = 0.06 * max((len(line) for label in labels.values() for line in label.split("\n")), default=0) + 0.3
     errors = errors or [[None] * len(columns) for _ in rows]
     drawn_errors = any(e is not None for row in errors for e in row)
     fig, axes = plt.subplots(height, width, squeeze=False, figsize=(
-        3.2 * width + 1, sum(0.35 * len(rows) + 1.2 + 0.15 * lines for lines in title_lines) + 0.4 * drawn_errors))
+        (2.4 + label_width) * width + 0.4,
+        sum(0.35 * len(rows) + 1.2 + 0.15 * lines for lines in title_lines) + 0.4 * drawn_errors))
     try:
         for j, column in enumerate(columns):
             ax = axes[j // width][j % width]
             shown = [(row, float(values[i][j]), errors[i][j]) for i, row in enumerate(rows) if values[i][j] is not None]
             ys = list(range(len(shown)))
-            ax.barh(ys, [v for _, v, _ in shown], color=["#9e9e9e" if row in muted else "#3b75af" for row, _, _ in shown])
+            ax.barh(ys, [v for _, v, _ in shown],
+                    color=["#9e9e9e" if row in muted else "#3b75af" for row, _, _ in shown])
             spans = [(y, v, 1.96 * e) for y, (_, v, e) in zip(ys, shown) if e is not None]
             if spans:
                 ax.errorbar([v for _, v, _ in spans], [y for y, _, _ in spans], xerr=[h for _, _, h in spans],
                             fmt="none", ecolor="black", elinewidth=1, capsize=3)
-            ax.set_yticks(ys, labels=[row for row, _, _ in shown], fontsize=8)
+            ax.set_yticks(ys, labels=[labels[row] for row, _, _ in shown], fontsize=8)
             ax.invert_yaxis()  # first row on top, as in the table
             ends = []
             for y, (_, v, e) in zip(ys, shown):  # each value written past its bar (and error bar)
@@ -143,18 +149,29 @@ def bars(path: Path, rows: list[str], columns: list[str], values: list[list[floa
 
 
 def _wrap(text: str, width: int) -> str:
-    """`text` in lines of at most `width` characters, broken after a ".", "_" or space where
-    possible (metric names are dotted words), inside a word only when the word is longer."""
+    """`text` in lines of at most `width` characters: broken after ".", ",", "/" or a space where
+    possible (metric names are dotted words, point labels comma-separated), inside a part longer
+    than a line after "_", and anywhere only in a word still longer."""
+    return "\n".join(_lines(text, width, ".,/ ", "_"))
+
+
+def _lines(text: str, width: int, *separators: str) -> list[str]:
     import re
 
+    if len(text) <= width:
+        return [text]
+    if not separators:
+        return [text[i:i + width] for i in range(0, len(text), width)]
+    seps = re.escape(separators[0])
     lines, line = [], ""
-    for piece in re.findall(r"[^._ ]+[._ ]*|[._ ]+", text):  # each word with the separators after it
+    for piece in re.findall(rf"[^{seps}]+[{seps}]*|[{seps}]+", text):  # each part with the separators after it
         if line and len(line) + len(piece.rstrip()) > width:
             lines.append(line)
             line = ""
-        while len(piece) > width:
-            lines.append(piece[:width])
-            piece = piece[width:]
-        line += piece
+        if len(piece) > width:  # too long for a line: broken at the next kind of separator
+            *full, line = _lines(piece, width, *separators[1:])
+            lines += full
+        else:
+            line += piece
     lines.append(line)
-    return "\n".join(part.strip() for part in lines if part.strip())
+    return [part.strip() for part in lines if part.strip()]

@@ -26,7 +26,9 @@ def is_quiet() -> bool:
 def console():
     from rich.console import Console
 
-    return Console(stderr=True, quiet=_quiet, highlight=False)
+    # soft_wrap: a message is never broken at the terminal's width (80 columns in a CI log), so
+    # the paths and commands it prints can be copied whole; tables still fit the width
+    return Console(stderr=True, quiet=_quiet, highlight=False, soft_wrap=True)
 
 
 class _PlainBar:

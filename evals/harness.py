@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,7 +169,10 @@ def hf_model(path, *, device: str = "auto", batch_size: int = 8):
     from datamill.progress import no_hf_loading_bars
 
     args, device = hf_model_args(path, device)
-    with no_hf_loading_bars():
+    with no_hf_loading_bars(), warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` when it loads an adapter:
+        # a FutureWarning for them, noise in every evaluate of a LoRA model for our users
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         return HFLM(**args, device=device, batch_size=batch_size)
 
 

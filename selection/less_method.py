@@ -148,7 +148,8 @@ def _warmup(fine_tune, model_dir, convs, loss_on, store: Path, lora: dict, *, se
     result = fine_tune(model_dir, [convs[i] for i in picked], store / "warmup", state_dir=store / "warmup-state",
                        lora={"r": lora["r"], "alpha": lora["alpha"], "dropout": 0.1, "targets": lora["targets"]},
                        epochs=epochs, lr=lr, schedule="linear", warmup=0.03, max_len=max_len, batch_size=batch_size,
-                       seed=seed, loss_on=loss_on, epoch_checkpoints=True, checkpoint_every=None)
+                       seed=seed, loss_on=loss_on, epoch_checkpoints=True, checkpoint_every=None,
+                       save="adapter")  # features read the epoch states: a merged copy would be 517 MB of SmolLM2 unused
     states = result["epoch_states"]
     _write_atomic(done, json.dumps(states))
     return states

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -86,8 +87,9 @@ def test_two_processes_creating_one_new_store_at_once_both_log_their_run(tmp_pat
                for name in ("a", "b")]
     try:
         for r in range(rounds):  # each round a fresh store file, released to both at the same moment
-            while not all((tmp_path / f"ready-{r}-{name}").exists() for name in "ab"):
-                assert all(w.poll() is None for w in workers), [w.communicate() for w in workers]
+            while (not all((tmp_path / f"ready-{r}-{name}").exists() for name in "ab")
+                   and all(w.poll() is None for w in workers)):  # a worker that failed is reported below
+                time.sleep(0.001)
             (tmp_path / f"go-{r}").touch()
         outputs = [w.communicate(timeout=300) for w in workers]
     finally:
@@ -132,6 +134,53 @@ def test_a_rerun_adds_no_runs_though_another_spec_logged_to_the_store_since(writ
     assert not (first.workspace.root / "logged").exists()  # the runs themselves are the memo
 
 
+def test_an_unchanged_rerun_finds_its_runs_without_starting_mlflow(write_spec):
+    """Importing mlflow and opening a store take seconds: a re-run with nothing to log reads the
+    sqlite store's tables itself."""
+    path = write_spec("name: again\nsources:\n  tasks: {path: data/tasks.jsonl}\nsteps:\n"
+                      "  pool: {sql: SELECT * FROM tasks}\n")
+    first = datamill.run(path)
+    code = (f"import sys, datamill; r = datamill.run({str(path)!r}, quiet=True); "
+            "print(r.logged_before, r.run_id, 'mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=path.parent,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True", first.run_id, "False"]
+
+
+def test_find_runs_reads_a_sqlite_store_as_mlflow_searches_it(tmp_path):
+    from tracking.mlflow_tracker import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert MlflowTracker(uri, tmp_path / "art").find_runs("demo", {"k": "v"}) == []
+    assert not (tmp_path / "mlflow.db").exists()  # looking did not create a store
+
+    writer = MlflowTracker(uri, tmp_path / "art")
+    ids = {}
+    for name, status, tags in [("old", "FINISHED", {"k": "v"}), ("failed", "FAILED", {"k": "v"}),
+                               ("other", "FINISHED", {"k": "w"}), ("gone", "FINISHED", {"k": "v"}),
+                               ("new", "FINISHED", {"k": "v", "j": "it's"}), ("open", None, {"k": "v"})]:
+        ids[name] = writer.start_run(experiment="demo", run_name=name, parent_run_id=None, params={}, tags=tags,
+                                     spec_yaml="a: 1\n")
+        if status:
+            writer.end_run(ids[name], status)
+    writer.start_run(experiment="elsewhere", run_name="x", parent_run_id=None, params={}, tags={"k": "v"},
+                     spec_yaml="a: 1\n")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    client.delete_run(ids["gone"])
+
+    reader = MlflowTracker(uri, tmp_path / "art")  # a fresh process's tracker: no MLflow client yet
+    found = reader.find_runs("demo", {"k": "v"})
+    assert [run_id for run_id, _ in found] == [ids["new"], ids["old"]]  # FINISHED, not deleted, newest first
+    assert found[0][1]["j"] == "it's" and found[0][1]["mlflow.runName"] == "new"
+    assert [run_id for run_id, _ in reader.find_runs("demo", {"k": "v", "j": "it's"})] == [ids["new"]]
+    experiment = client.get_experiment_by_name("demo").experiment_id
+    searched = client.search_runs([experiment], "attributes.status = 'FINISHED' and tags.k = 'v'",
+                                  order_by=["attributes.start_time DESC"])
+    assert [run_id for run_id, _ in found] == [r.info.run_id for r in searched]
+    assert reader.find_runs("nowhere", {"k": "v"}) == []
+
+
 SWEEP = """\
 name: scoring
 sources:
@@ -149,6 +198,8 @@ sweep:
 def test_a_sweep_run_twice_from_python_has_one_parent_and_one_child_per_point(write_spec):
     path = write_spec(SWEEP)
     first = datamill.run(path)
+    # reading the results in MLflow and writing a note on the sweep (as in the UI) changes the store
+    mlflow.MlflowClient(tracking_uri=first.tracking_location).set_tag(first.run_id, "mlflow.note.content", "looks good")
     again = datamill.run(str(path))
     assert again.logged_before and again.run_id == first.run_id
     assert [p.run_id for p in again.points] == [p.run_id for p in first.points]
@@ -156,7 +207,7 @@ def test_a_sweep_run_twice_from_python_has_one_parent_and_one_child_per_point(wr
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert [p.info.run_id for p in parents] == [first.run_id]
     children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == first.run_id)
-    assert children == ["acc=0.6", "acc=0.7"] and len(runs) == 3
+    assert children == ["acc=0.6,stderr=0.04", "acc=0.7"] and len(runs) == 3
 
 
 # --------------------------------------------------------------------------- item 14: readable sweeps
@@ -166,21 +217,26 @@ def test_the_sweep_parent_holds_the_compared_metrics_and_children_their_results(
 
     result = datamill.run(write_spec(SWEEP))
     compared = comparison(result)
-    assert compared.rows == ["acc=0.6", "acc=0.7", "base"] and compared.columns == ["score.demo_task.acc"]
+    assert compared.rows == ["acc=0.6,stderr=0.04", "acc=0.7", "base"] and compared.columns == ["score.demo_task.acc"]
     assert compared.values == [[0.6], [0.7], [0.5]]
     assert compared.errors == [[0.04], [None], [0.05]]  # from each step's acc_stderr, where there is one
 
     client = mlflow.MlflowClient(tracking_uri=result.tracking_location)
     parent = client.get_run(result.run_id).data
-    # a metric's value for every point sorts together; labels made valid keys ("=" is not allowed)
-    assert parent.metrics == {"score.demo_task.acc/acc_0.6": 0.6, "score.demo_task.acc/acc_0.7": 0.7,
+    # a metric's value for every point sorts together; labels made valid keys ("=", "," are not allowed)
+    assert parent.metrics == {"score.demo_task.acc/acc_0.6_stderr_0.04": 0.6, "score.demo_task.acc/acc_0.7": 0.7,
                               "score.demo_task.acc/base": 0.5}
     assert parent.tags["datamill.role"] == "sweep" and "datamill.point" not in parent.tags
+    # the parent is every point: its params and spec say which fields are swept, not point 1's values
+    assert parent.params["steps.score.scored.acc"] == "(swept: see sweep)"
+    assert parent.params["steps.base.scored.acc"] == "0.5"
+    spec_text = client.download_artifacts(result.run_id, "spec.yaml")
+    assert "acc: '(swept: see sweep)'" in Path(spec_text).read_text()
 
     child = client.get_run(result.points[0].run_id).data
-    assert child.tags["datamill.point"] == "acc=0.6"
-    assert set(child.metrics) == {"base.demo_task.acc", "base.demo_task.acc_stderr",
-                                  "score.demo_task.acc", "score.demo_task.acc_stderr"}
+    assert child.tags["datamill.point"] == "acc=0.6,stderr=0.04"
+    assert set(child.metrics) == {"base.tasks.demo_task.acc", "base.tasks.demo_task.acc_stderr",
+                                  "score.tasks.demo_task.acc", "score.tasks.demo_task.acc_stderr"}
     # row counts and timings are the steps' bookkeeping: tags, beside each step's key
     assert child.tags["step.nums.rows.main"] == "4" and child.tags["step.score.rows.main"] == "4"
     assert float(child.tags["step.score.seconds"]) >= 0 and child.tags["step.score.key"]
@@ -208,9 +264,10 @@ def test_comparison_bars_keep_long_titles_inside_the_figure_and_draw_error_bars(
 
     monkeypatch.setattr(plots, "_save", save_and_measure)
     rows = ["method=random", "method=zipfit", "method=less,model=smol", "base"]
-    columns = ["score.datamill_capitals_exact.exact_match",
-               "score.tasks.datamill_capitals_mc_with_a_much_longer_task_name.acc_norm",
-               "pick.target_family_precision", "score.byod_negation", "score.datamill_units_mc.acc"]
+    # long names first and last in a row of four: drawn on one line, the last ran off the figure
+    columns = ["score.tasks.datamill_capitals_mc_with_a_much_longer_task_name.acc_norm",
+               "score.datamill_capitals_exact.exact_match", "pick.target_family_precision",
+               "score.tasks.datamill_units_mc_with_an_even_longer_task_name.acc_norm", "score.datamill_units_mc.acc"]
     values = [[0.16, 0.41, 0.1, 0.53, 0.3], [0.44, 0.45, 1.0, 0.61, 0.35], [0.56, 0.52, 0.8, 0.61, 0.31],
               [0.44, 0.44, None, 0.57, 0.3]]
     errors = [[0.06, 0.05, None, None, 0.04], [0.08, 0.05, None, None, 0.04], [0.08, 0.05, None, None, 0.04],

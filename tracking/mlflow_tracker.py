@@ -4,6 +4,9 @@ Everything goes through one `MlflowClient` with explicit run ids: no global trac
 active-run stack, so several trackers (or a test) can share a process. Every string that
 leaves for MLflow passes `datamill.secrets.scrub` even though callers already redact: a
 secret read with `read_secret_env` must never reach the store.
+
+mlflow is imported, and the client made, on first use: together they take seconds, which an
+unchanged re-run does without (`find_runs` reads a sqlite store's tables directly).
 """
 
 from __future__ import annotations
@@ -11,12 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sqlite3
 import time
 from pathlib import Path
-
-import mlflow
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 
 from datamill.secrets import scrub
 from datamill.tracker import StepRecord, TableRecord
@@ -33,15 +33,24 @@ class MlflowTracker:
     def __init__(self, uri: str, artifact_root: Path):
         self.uri = uri
         self.artifact_root = Path(artifact_root)
-        # mlflow logs table creation/migration at INFO on first use of a store: noise for users
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self._client = None
         self._experiments: dict[str, str] = {}
-        # The first use of a store creates its tables (or migrates them). Two processes doing
-        # that to one new sqlite file at once fail ("table experiments already exists"), so it
-        # happens here, under a lock that the other process waits for.
-        with _store_creation_lock(uri):
-            self.client.search_experiments(max_results=1)
+
+    @property
+    def client(self):
+        if self._client is None:
+            import mlflow
+
+            # mlflow logs table creation/migration at INFO on first use of a store: noise for users
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
+            # A client's first use of a store (MlflowClient() itself, for sqlite) creates its
+            # tables or migrates them. Two processes doing that to one new sqlite file at once
+            # fail ("table experiments already exists"): it happens under a lock the other waits for.
+            with _store_creation_lock(self.uri):
+                client = mlflow.MlflowClient(tracking_uri=self.uri)
+                client.search_experiments(max_results=1)  # the store, if the client was lazy
+            self._client = client
+        return self._client
 
     # --- runs ---
     def start_run(self, *, experiment: str, run_name: str, parent_run_id: str | None,
@@ -54,7 +63,7 @@ class MlflowTracker:
         run_id = run.info.run_id
         # scrub before flattening: truncation could otherwise cut a secret in half
         flat, truncated = flatten_params(_scrub_tree(params))
-        self._log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])
+        self._log_batch(run_id, params=flat)
         if truncated:
             self.client.set_tag(run_id, TRUNCATED_TAG, _tag_value(", ".join(truncated)))
         self.client.log_text(run_id, scrub(spec_yaml), "spec.yaml")
@@ -67,6 +76,13 @@ class MlflowTracker:
         return self.uri
 
     def close_stale_runs(self, experiment: str, workspace: str) -> int:
+        database = _sqlite_path(self.uri)
+        if database is not None:
+            try:
+                if not _find_in_sqlite(database, experiment, {"datamill.workspace": workspace}, status="RUNNING"):
+                    return 0  # the usual case, known without starting MLflow
+            except sqlite3.Error:
+                pass
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             return 0
@@ -79,14 +95,21 @@ class MlflowTracker:
         return len(stale)
 
     def find_runs(self, experiment: str, tags: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+        database = _sqlite_path(self.uri)
+        if database is not None:
+            try:
+                return _find_in_sqlite(database, experiment, tags)
+            except sqlite3.Error:
+                pass  # tables this reading does not know (another MLflow version?): ask MLflow
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             return []
         wanted = " and ".join(f"tags.`{key}` = {_quoted(value)}" for key, value in tags.items())
         runs, token = [], None
         while True:  # search_runs answers in pages
-            page = self.client.search_runs([found.experiment_id], filter_string=f"attributes.status = 'FINISHED' and {wanted}",
-                                           order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
+            page = self.client.search_runs(
+                [found.experiment_id], filter_string=f"attributes.status = 'FINISHED' and {wanted}",
+                order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
             runs += [(run.info.run_id, dict(run.data.tags)) for run in page]
             token = page.token
             if not token:
@@ -115,19 +138,10 @@ class MlflowTracker:
         for table in step.tables:  # after the stats: the row counts read from the files win
             side = "main" if table.name == step.name else table.name.removeprefix(f"{step.name}__")
             tags[f"step.{step.name}.rows.{side}"] = to_text(table.rows)
-        now = _now_ms()
-        self._log_batch(
-            run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in zip(unique_keys(list(metrics)), metrics.values())],
-            tags=[RunTag(k, _tag_value(v)) for k, v in zip(unique_keys(list(tags)), tags.values())],
-        )
+        self._log_batch(run_id, metrics=metrics, tags=tags)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-        metrics = {k: v for k, v in metrics.items() if _is_number(v)}
-        now = _now_ms()
-        self._log_batch(run_id, metrics=[
-            Metric(k, float(v), now, step or 0) for k, v in zip(unique_keys(list(metrics)), metrics.values())
-        ])
+        self._log_batch(run_id, metrics={k: v for k, v in metrics.items() if _is_number(v)}, step=step or 0)
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -148,6 +162,8 @@ class MlflowTracker:
         return self._experiments[name]
 
     def _get_or_create_experiment(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
@@ -169,9 +185,18 @@ class MlflowTracker:
         folder = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment).lstrip(".") or "default"
         return (self.artifact_root / folder).resolve().as_uri()
 
-    def _log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
-        """log_batch within MLflow's per-request limits (100 params/tags, 1000 metrics)."""
-        metrics, params, tags = list(metrics), list(params), list(tags)
+    def _log_batch(self, run_id: str, metrics: dict | None = None, step: int = 0, params: dict | None = None,
+                   tags: dict | None = None) -> None:
+        """log_batch within MLflow's per-request limits (100 params/tags, 1000 metrics). Metric and
+        tag keys are made valid here, apart from each other when two become the same; `params`
+        come flattened (flatten_params already did that)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        metrics, params, tags = metrics or {}, params or {}, tags or {}
+        now = _now_ms()
+        metrics = [Metric(k, float(v), now, step) for k, v in zip(unique_keys(list(metrics)), metrics.values())]
+        params = [Param(k, v) for k, v in params.items()]
+        tags = [RunTag(k, _tag_value(v)) for k, v in zip(unique_keys(list(tags)), tags.values())]
         while metrics or params or tags:
             self.client.log_batch(run_id, metrics=metrics[:MAX_METRICS_PER_BATCH],
                                   params=params[:MAX_PARAMS_TAGS_PER_BATCH], tags=tags[:MAX_PARAMS_TAGS_PER_BATCH])
@@ -180,9 +205,10 @@ class MlflowTracker:
             tags = tags[MAX_PARAMS_TAGS_PER_BATCH:]
 
 
-def _dataset_input(table: TableRecord, step_name: str) -> DatasetInput:
+def _dataset_input(table: TableRecord, step_name: str):
     """Describe a table by path, digest and schema: MLflow never reads the rows (slow on big tables)."""
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
 
     dataset = MetaDataset(source=_local_source(Path(table.path).resolve().as_uri()), name=table.name,
                           digest=table.digest[:_MAX_DIGEST], schema=_mlflow_schema(table.schema))
@@ -225,25 +251,47 @@ def _mlflow_type(arrow_type: str):
     return DataType.string  # lists, structs, dictionaries...: shown as text in the UI
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    """The file of a `sqlite:///<path>` store (a relative path: from the current directory, as
+    SQLAlchemy reads it), or None for other stores and in-memory sqlite."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path).resolve() if path and path != ":memory:" else None
+
+
 @contextlib.contextmanager
 def _store_creation_lock(uri: str):
     """An exclusive lock on `<sqlite file>.lock` beside a sqlite store (other stores: none)."""
-    if not uri.startswith("sqlite:"):
+    database = _sqlite_path(uri)
+    if database is None:
         yield
         return
     import fcntl
 
-    from sqlalchemy.engine import make_url
-
-    database = make_url(uri).database
-    if not database or database == ":memory:":
-        yield
-        return
-    lock = Path(f"{Path(database).resolve()}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)  # sqlite makes the file, not its folder
-    with open(lock, "w") as handle:
+    database.parent.mkdir(parents=True, exist_ok=True)  # sqlite makes the file, not its folder
+    with open(f"{database}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
         yield
+
+
+def _find_in_sqlite(database: Path, experiment: str, tags: dict[str, str],
+                    status: str = "FINISHED") -> list[tuple[str, dict[str, str]]]:
+    """MlflowTracker.find_runs (runs in `status`) read straight from a sqlite store's tables
+    (experiments, runs, tags; unchanged across MLflow versions for years), read-only: a query,
+    where importing mlflow and opening the store through it take seconds. Raises sqlite3.Error
+    on tables it does not know."""
+    if not database.exists():
+        return []  # nothing logged yet; and a read-only connection must not create the file
+    with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as con:
+        wanted = " ".join(
+            "AND EXISTS (SELECT 1 FROM tags t WHERE t.run_uuid = r.run_uuid AND t.key = ? AND t.value = ?)" for _ in tags)
+        ids = [row[0] for row in con.execute(
+            "SELECT r.run_uuid FROM runs r JOIN experiments e ON e.experiment_id = r.experiment_id "
+            f"WHERE e.name = ? AND r.status = ? AND r.lifecycle_stage = 'active' {wanted} "
+            "ORDER BY r.start_time DESC", [experiment, status, *(x for item in tags.items() for x in item)])]
+        return [(run_id, dict(con.execute("SELECT key, value FROM tags WHERE run_uuid = ?", [run_id]).fetchall()))
+                for run_id in ids]
 
 
 def _quoted(value: str) -> str:
