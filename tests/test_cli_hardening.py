@@ -15,29 +15,6 @@ from datamill.registry import register_step
 from datamill.step import Step, StepConfig
 
 
-class ScoredConfig(StepConfig):
-    input: str
-    accuracy: float = 0.75
-
-
-@register_step
-class ScoredStep(Step):
-    """An "evaluation" of a table: a copy of it and one number to compare (tests)."""
-
-    kind = "scored"
-    Config = ScoredConfig
-
-    def input_tables(self):
-        return [(("input",), self.config.input)]
-
-    def comparison_metrics(self, stats: dict) -> dict[str, float]:
-        return {"accuracy": stats["accuracy"]}
-
-    def run(self, ctx) -> None:
-        ctx.write(ctx.read(self.config.input))
-        ctx.stats["accuracy"] = self.config.accuracy
-
-
 class FakeModelConfig(StepConfig):
     data: str
 
@@ -80,7 +57,7 @@ LABEL_50 = "query=SELECT * FROM pool ORDER BY id LIMIT 50"
 LABEL_30 = "query=SELECT * FROM pool ORDER BY id LIMIT 30"
 MODEL = PIPELINE + """\
   sft: {fake_model: {data: pick}}
-  score: {scored: {input: pick, accuracy: 0.625}}
+  score: {scored: {input: pick, acc: 0.625}}
 """
 
 
@@ -258,7 +235,7 @@ def test_a_single_run_ends_with_its_results_and_model_folders(write_spec, cli):
     path = write_spec(MODEL)
     code, _, err = cli("run", path)
     assert code == 0, err
-    assert "results" in err and re.search(r"score\s*│\s*accuracy\s*│\s*0\.625", err)
+    assert "results" in err and re.search(r"score\s*│\s*demo_task\.acc\s*│\s*0\.625", err)
     assert re.search(r"sft\s*│\s*final_loss\s*│\s*1\.5", err)
     model = datamill.plans(path)[0].workspace.step_dir(step_key(path, "sft")) / "model"
     assert f"model sft: {model}" in err

@@ -16,40 +16,8 @@ import pytest
 mlflow = pytest.importorskip("mlflow")
 
 import datamill  # noqa: E402
-from datamill.registry import register_step  # noqa: E402
-from datamill.step import Step, StepConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class ScoredConfig(StepConfig):
-    input: str
-    acc: float
-    """The accuracy it reports (as `demo_task.acc`)."""
-    stderr: float | None = None
-    """Reported beside it as `acc_stderr`, as lm-eval does."""
-
-
-@register_step
-class ScoredStep(Step):
-    """Copy a table and report an accuracy, the way an evaluate step reports a task (tests)."""
-
-    kind = "scored"
-    Config = ScoredConfig
-
-    def input_tables(self):
-        return [(("input",), self.config.input)]
-
-    def comparison_metrics(self, stats: dict) -> dict[str, float]:
-        return {f"{task}.{m}": v for task, metrics in stats["tasks"].items() for m, v in metrics.items()
-                if not m.endswith("_stderr")}
-
-    def run(self, ctx) -> None:
-        ctx.write(ctx.read(self.config.input))
-        metrics = {"acc": self.config.acc}
-        if self.config.stderr is not None:
-            metrics["acc_stderr"] = self.config.stderr
-        ctx.stats["tasks"] = {"demo_task": metrics}
 
 
 def _experiment_runs(uri: str, name: str) -> list:
