@@ -45,7 +45,9 @@ def _mlflow_processes(port: int) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])  # ~14 s each
+# ~15 s each: SIGHUP takes the same path as SIGTERM, so it runs in the slow suite
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGHUP"])
 def test_ui_stops_its_server_when_it_is_terminated(tmp_path, sig):
     """The server runs in its own session, so a signal sent to `datamill ui` alone never reaches it:
     `datamill ui` must stop it, then exit with 128 + the signal's number."""
