@@ -308,7 +308,8 @@ def sql(spec: Path = SpecArg, query: str = typer.Argument(..., help="A SELECT ov
 
     from datamill.api import plans
     from datamill.plan import table_views
-    from datamill.steps.sql import sandboxed_duckdb
+    from datamill.errors import FieldError
+    from datamill.steps.sql import parse_select, sandboxed_duckdb
 
     views, missing = table_views(plans(spec, set_), point, set_)
 
@@ -316,12 +317,10 @@ def sql(spec: Path = SpecArg, query: str = typer.Argument(..., help="A SELECT ov
         if name.lower() in missing and name not in views:
             raise DatamillError(missing[name.lower()])
 
-    try:
-        referenced = duckdb.get_table_names(query)
-    except duckdb.ParserException as e:
-        raise DatamillError(str(e)) from None
-    except duckdb.Error:  # some queries (JOIN ... USING) cannot be read without their tables: see below
-        referenced = set()
+    try:  # parsed only (duckdb.get_table_names would bind: open files, or wait on /dev/stdin)
+        referenced, _ = parse_select(query)  # what else it reads, the sandbox below refuses
+    except FieldError as e:
+        raise DatamillError(f"the query: {e.message}") from None
     for name in referenced:
         check(name)
     con = sandboxed_duckdb(views)  # reads only these parquet files, writes nothing

@@ -75,6 +75,17 @@ def query_tables(query: str) -> frozenset[str]:
     """The table names one spec SELECT reads (CTE names excluded). Raises FieldError("query", ...)
     for SQL that is not one SELECT, or that reads anything but tables by name. Parses only: no
     file, URL, extension or environment variable is touched."""
+    tables, refused = parse_select(query)
+    if refused:
+        raise FieldError("query", f"the query reads {'; '.join(dict.fromkeys(refused))}: spec SQL reads only "
+                                  "earlier tables by name, not files, URLs, the environment or table functions "
+                                  f"other than {', '.join(sorted(ALLOWED_TABLE_FUNCTIONS))}")
+    return tables
+
+
+def parse_select(query: str) -> tuple[frozenset[str], list[str]]:
+    """(table names read, what else it reads) of one SELECT, by parsing only; FieldError for SQL
+    that is not one SELECT. `datamill sql` takes the names and leaves the rest to its sandbox."""
     import duckdb
 
     con = locked_duckdb()
@@ -95,11 +106,7 @@ def query_tables(query: str) -> frozenset[str]:
     tables: set[str] = set()
     refused: list[str] = []
     _walk(tree["statements"], frozenset(), tables, refused, query.encode())
-    if refused:
-        raise FieldError("query", f"the query reads {'; '.join(dict.fromkeys(refused))}: spec SQL reads only "
-                                  "earlier tables by name, not files, URLs, the environment or table functions "
-                                  f"other than {', '.join(sorted(ALLOWED_TABLE_FUNCTIONS))}")
-    return frozenset(tables)
+    return frozenset(tables), refused
 
 
 def _walk(node, ctes: frozenset, tables: set, refused: list, query: bytes) -> None:
