@@ -71,6 +71,17 @@ def allowed_folders(env) -> list[Path]:
     return [Path(env.base_dir), *env.code_dirs]
 
 
+def outside_allowed_folders(path: Path, env) -> str | None:
+    """Why `path` may not hold code a spec runs (it is outside the spec's folder and its `code:`
+    folders), or None. For folders whose files can name Python, such as lm-eval task YAMLs."""
+    folders = allowed_folders(env)
+    if any(Path(path).resolve().is_relative_to(Path(f).resolve()) for f in folders):
+        return None
+    return (f"{path} is outside the spec's folder ({folders[0]}) and its `code:` folders: files there may "
+            "run Python (a task YAML's `!function`), so a spec may only use them from its own folders; "
+            "list the folder under `code:` to allow it")
+
+
 def check_code_folder(folder: str, path: Path) -> str | None:
     """Why the `code:` entry `folder` (resolved: `path`) is unusable, or None."""
     if not path.exists():

@@ -64,7 +64,8 @@ class EvaluateConfig(StepConfig):
     """Wrap prompts in the model's chat template. Default: when the tokenizer has one (instruct
     models answer generate_until tasks far better with it)."""
     include_path: list[str] = []
-    """Folders of your own task YAMLs (relative to the spec)."""
+    """Folders of your own task YAMLs (relative to the spec), inside the spec's folder or its `code:`
+    folders (a task YAML may name Python functions)."""
     lm_eval_defaults: bool = False
     """Also look tasks up among lm-eval's ~15k built-in tasks (needs a hub for their data)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -98,9 +99,14 @@ class EvaluateStep(Step):
     def check(self, env) -> None:
         from evals.harness import task_index
 
+        from datamill.user_code import outside_allowed_folders
+
         for i, folder in enumerate(self._include_paths(env.base_dir)):
             if not folder.is_dir():
                 raise FieldError(("include_path", i), f"task folder not found: {folder}")
+            refused = outside_allowed_folders(folder, env)
+            if refused:
+                raise FieldError(("include_path", i), refused)
         if self.config.lm_eval_defaults:
             return  # lm-eval checks built-in names when it runs
         known = task_index(self._include_paths(env.base_dir))

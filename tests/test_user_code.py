@@ -105,3 +105,27 @@ def test_a_plugin_entry_point_may_be_named_but_nothing_else_of_its_module(write_
     assert picked.height == 3
     with pytest.raises(SpecError, match=r"'myplug:head' is not allowed: .*'myplug' is not one of them"):
         datamill.run(write_spec(polars_spec("myplug:head"), name="other.yaml"))
+
+
+def test_lm_eval_task_folders_come_only_from_the_specs_own_folders(tmp_path):
+    """A task YAML may run Python (`!function module.fn`): a folder outside the spec's folder is
+    refused at validate, unless the spec lists it under `code:`."""
+    import shutil
+
+    from evals.harness import SHIPPED_TASKS
+
+    outside = tmp_path / "elsewhere" / "tasks"
+    shutil.copytree(SHIPPED_TASKS, outside)
+    folder = tmp_path / "project"
+    folder.mkdir()
+    step = ("steps:\n  score:\n    evaluate: {model: m, tasks: [datamill_capitals_mc], "
+            f"include_path: ['{outside}']}}\n")
+    spec = folder / "spec.yaml"
+    spec.write_text("name: t\nmodels: {m: builtin:tiny-llama}\n" + step)
+    out = cli("validate", str(spec), cwd=folder)
+    assert out.returncode == 2, out.stderr
+    assert "spec.yaml:5" in out.stderr and "steps.score.evaluate.include_path.0" in out.stderr
+    assert "outside the spec's folder" in out.stderr and "`!function`" in out.stderr
+    spec.write_text(f"name: t\ncode: ['{outside.parent}']\nmodels: {{m: builtin:tiny-llama}}\n" + step)
+    out = cli("validate", str(spec), cwd=folder)
+    assert out.returncode == 0, out.stderr
