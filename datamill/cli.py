@@ -135,18 +135,29 @@ def _print_comparison(console, result) -> None:
     labels = [p.label for p in result.points]
     first = {label.split("=", 1)[0] for label in labels}
     key = first.pop() if len(first) == 1 and all("=" in label for label in labels) else None
+    notes = ["* the same in every point"] if compared.references else []
+    if any(e is not None for row in compared.errors or [] for e in row):
+        notes.append("± half-width of the 95% interval (1.96 x stderr)")
     table = Table(title=f"{len(result.points)} sweep points", title_justify="left",
-                  caption="* the same in every point" if compared.references else None, caption_justify="left")
+                  caption="; ".join(notes) or None, caption_justify="left")
     table.add_column(key or "point", no_wrap=True)
     for header in _short_names(compared.columns):
         table.add_column(header, justify="right", overflow="fold")
-    for label, row in zip(compared.rows, compared.values):
+    errors = compared.errors or [[None] * len(compared.columns)] * len(compared.rows)
+    for label, row, row_errors in zip(compared.rows, compared.values, errors):
         if label in compared.references:
             name = f"{label}*"
         else:
             name = label.split("=", 1)[1] if key else label
-        table.add_row(name, *("" if v is None else f"{v:.4g}" for v in row))
+        table.add_row(name, *(_with_interval(v, e) for v, e in zip(row, row_errors)))
     console.print(table)
+
+
+def _with_interval(value, stderr) -> str:
+    """"0.4375±0.17": a metric and the half-width of its 95% interval, where it has a stderr."""
+    if value is None:
+        return ""
+    return f"{value:.4g}" if stderr is None else f"{value:.3g}±{1.96 * stderr:.2g}"
 
 
 def _print_results(console, result) -> None:
@@ -157,20 +168,24 @@ def _print_results(console, result) -> None:
     from datamill.executor import comparison
 
     compared = comparison(result)
-    rows = [(*column.split(".", 1), value) for column, value in zip(compared.columns, compared.values[0])
-            if value is not None] if compared.values else []
+    errors = (compared.errors or [[None] * len(compared.columns)])[0] if compared.values else []
+    rows = [(*column.split(".", 1), value, error) for column, value, error
+            in zip(compared.columns, compared.values[0], errors) if value is not None] if compared.values else []
     for name, record in result.points[0].steps.items():
         if record.model_dir is not None:
-            rows += [(name, loss, record.stats[loss]) for loss in ("final_loss", "final_eval_loss")
+            rows += [(name, loss, record.stats[loss], None) for loss in ("final_loss", "final_eval_loss")
                      if isinstance(record.stats.get(loss), (int, float))]
     if not rows:
         return
-    table = Table(title="results", title_justify="left")
+    has_errors = any(error is not None for *_, error in rows)
+    table = Table(title="results", title_justify="left",
+                  caption="± half-width of the 95% interval (1.96 x stderr)" if has_errors else None,
+                  caption_justify="left")
     table.add_column("step", no_wrap=True)
     table.add_column("metric", overflow="fold")
     table.add_column("value", justify="right")
-    for step, metric, value in rows:
-        table.add_row(step, metric, f"{value:.4g}")
+    for step, metric, value, error in rows:
+        table.add_row(step, metric, _with_interval(value, error))
     console.print(table)
 
 

@@ -274,3 +274,13 @@ def test_version_and_global_flags_after_the_subcommand(write_spec, cli):
     # an option's value is never taken for a flag
     code, _, err = cli("validate", path, "--set", "--debug")
     assert code == 2 and "--set --debug: expected PATH=VALUE" in err
+
+
+def test_results_carry_their_95_percent_interval_where_a_stderr_is_known(write_spec, cli):
+    path = write_spec(PIPELINE + "  score: {scored: {input: pick, acc: 0.6, stderr: 0.04}}\n"
+                                 "  plain: {scored: {input: pick, acc: 0.5}}\n")
+    code, _, err = cli("run", path)
+    assert code == 0, err
+    assert re.search(r"score\s*│\s*demo_task\.acc\s*│\s*0\.6±0\.078", err)  # 1.96 x 0.04
+    assert re.search(r"plain\s*│\s*demo_task\.acc\s*│\s*0\.5\s*│", err)  # no stderr: the value alone
+    assert "± half-width of the 95% interval (1.96 x stderr)" in err
