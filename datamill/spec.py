@@ -267,6 +267,9 @@ class LoadedSpec:
         base_dir = self.path.parent.resolve()
         env = Env(base_dir=base_dir, code_dirs=tuple((base_dir / Path(c).expanduser()).resolve() for c in spec.code))
         resolved = ResolvedSpec(spec=spec, raw=data, path=self.path, env=env, point=point, label=label)
+        for step in resolved.step_objects().values():
+            for task, folders in step.eval_tasks(env).items():
+                env.eval_tasks[task] = tuple(dict.fromkeys(env.eval_tasks.get(task, ()) + tuple(folders)))
         check_references(resolved, self.doc, overrides)
         if spec.executor.kind == "ray":
             import importlib.util

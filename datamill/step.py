@@ -64,6 +64,9 @@ class Env:
 
     base_dir: Path  # folder of the spec file: relative paths resolve here
     code_dirs: tuple[Path, ...] = ()  # the spec's `code:` folders (resolved): where its own Python may be
+    # Every eval task the spec's steps evaluate on (Step.eval_tasks), with the task folders they
+    # name: what a `decontaminate` step without `tasks` cleans against.
+    eval_tasks: dict[str, tuple[Path, ...]] = field(default_factory=dict)
 
 
 class Step:
@@ -88,6 +91,11 @@ class Step:
     def model_refs(self) -> list[tuple[tuple, str]]:
         """(field path, model reference or name) for every model this step uses."""
         return []
+
+    def eval_tasks(self, env: Env) -> dict[str, tuple[Path, ...]]:
+        """The eval tasks this step measures a model on, each with the task folders (absolute)
+        that define it beyond the shipped ones: {"datamill_capitals_exact": ()}."""
+        return {}
 
     def check(self, env: Env) -> None:
         """Extra validation beyond the pydantic model; raise `FieldError(field, message)`."""

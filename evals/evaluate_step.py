@@ -96,6 +96,10 @@ class EvaluateStep(Step):
     def _include_paths(self, base_dir: Path) -> list[Path]:
         return [(Path(base_dir) / p).resolve() for p in self.config.include_path]
 
+    def eval_tasks(self, env) -> dict:
+        folders = tuple(self._include_paths(env.base_dir))
+        return {name: folders for name in self.config.tasks}
+
     def check(self, env) -> None:
         from evals.harness import task_index
 
