@@ -123,69 +123,107 @@ def run(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt, executor: Opti
 
 
 def _print_comparison(console, result) -> None:
-    """The sweep's points side by side (the numbers its steps offer for comparison)."""
+    """The sweep's points side by side (the numbers its steps offer for comparison), each with its
+    95% interval, and each point's paired test against the baseline (the base model's row)."""
     from rich.table import Table
 
-    from datamill.executor import comparison
+    from datamill.comparison import comparison
 
     compared = comparison(result)
     if not compared.columns:
         return
     # every point labelled "method=...,": the column is "method" and the cells its values
-    labels = [p.label for p in result.points]
+    labels = [label for label in compared.rows if label not in compared.references]
     first = {label.split("=", 1)[0] for label in labels}
-    key = first.pop() if len(first) == 1 and all("=" in label for label in labels) else None
-    notes = ["* the same in every point"] if compared.references else []
-    if any(e is not None for row in compared.errors or [] for e in row):
-        notes.append("± half-width of the 95% interval (1.96 x stderr)")
+    key = first.pop() if len(first) == 1 and all("=" in label and "," not in label for label in labels) else None
     table = Table(title=f"{len(result.points)} sweep points", title_justify="left",
-                  caption="; ".join(notes) or None, caption_justify="left")
+                  caption="\n".join(_comparison_notes(compared)) or None, caption_justify="left")
     table.add_column(key or "point", no_wrap=True)
     for header in _short_names(compared.columns):
         table.add_column(header, justify="right", overflow="fold")
-    errors = compared.errors or [[None] * len(compared.columns)] * len(compared.rows)
-    for label, row, row_errors in zip(compared.rows, compared.values, errors):
+    for i, label in enumerate(compared.rows):
         if label in compared.references:
-            name = f"{label}*"
+            name = f"{label} (ref)"
         else:
             name = label.split("=", 1)[1] if key else label
-        table.add_row(name, *(_with_interval(v, e) for v, e in zip(row, row_errors)))
+        if label in compared.seeds:
+            name += f" ({compared.seeds[label]} seeds)"
+        table.add_row(name, *(_cell_text(compared, i, j) for j in range(len(compared.columns))))
     console.print(table)
+    _print_tests(console, compared)
 
 
-def _with_interval(value, stderr) -> str:
-    """"0.4375±0.17": a metric and the half-width of its 95% interval, where it has a stderr."""
+def _comparison_notes(compared) -> list[str]:
+    notes = []
+    if compared.references:
+        notes.append("(ref): the same in every point")
+    if compared.has_intervals():
+        notes.append("± half-width of the 95% interval (bootstrap over examples; exact bounds in MLflow)")
+    if compared.seeds:
+        notes.append("seeds: mean over training seeds, interval over seeds and examples")
+    if compared.has_tests():
+        notes.append(f"* / ** differs from {compared.baseline}: paired test on the same examples, "
+                     "Holm-adjusted p < 0.05 / 0.01")
+    return notes
+
+
+def _cell_text(compared, i: int, j: int) -> str:
+    """"0.438±0.17*": a value, the half-width of its 95% interval, and its significance mark."""
+    value = compared.values[i][j]
     if value is None:
         return ""
-    return f"{value:.4g}" if stderr is None else f"{value:.3g}±{1.96 * stderr:.2g}"
+    band = compared.intervals[i][j]
+    text = f"{value:.4g}" if band is None else f"{value:.3g}±{(band[1] - band[0]) / 2:.2g}"
+    return text + compared.mark(i, j)
+
+
+def _print_tests(console, compared) -> None:
+    """Each row's paired test against the baseline, a line per metric: the difference, its 95%
+    interval, the test and its adjusted p-value."""
+    from rich.markup import escape
+
+    names = _short_names(compared.columns)
+    lines = []
+    for j, name in enumerate(names):
+        for i, label in enumerate(compared.rows):
+            test = compared.tests[i][j]
+            if test is None:
+                continue
+            lines.append(f"  {escape(name)}  {escape(label)} - {escape(compared.baseline)}: {test.difference:+.3g} "
+                         f"[{test.low:+.2g}, {test.high:+.2g}], n={test.n}, {test.test} "
+                         f"p={compared.p_values[i][j]:.2g}{compared.mark(i, j)}")
+    if lines:
+        console.print(f"paired tests against {escape(compared.baseline)} (difference [95% interval], "
+                      "Holm-adjusted p):", highlight=False)
+        for line in lines:
+            console.print(line, highlight=False)
 
 
 def _print_results(console, result) -> None:
     """A single run's headline numbers: each step's comparison metrics (evaluate: every task's
-    metrics; select: its target precision) and each trained model's final losses."""
+    metrics; select: its target precision), each with its 95% interval, and each trained model's
+    final losses."""
     from rich.table import Table
 
-    from datamill.executor import comparison
+    from datamill.comparison import comparison
 
     compared = comparison(result)
-    errors = (compared.errors or [[None] * len(compared.columns)])[0] if compared.values else []
-    rows = [(*column.split(".", 1), value, error) for column, value, error
-            in zip(compared.columns, compared.values[0], errors) if value is not None] if compared.values else []
+    rows = [(*column.split(".", 1), _cell_text(compared, 0, j)) for j, column in enumerate(compared.columns)
+            if compared.values[0][j] is not None] if compared.rows else []
     for name, record in result.points[0].steps.items():
         if record.model_dir is not None:
-            rows += [(name, loss, record.stats[loss], None) for loss in ("final_loss", "final_eval_loss")
+            rows += [(name, loss, f"{record.stats[loss]:.4g}") for loss in ("final_loss", "final_eval_loss")
                      if isinstance(record.stats.get(loss), (int, float))]
     if not rows:
         return
-    has_errors = any(error is not None for *_, error in rows)
     table = Table(title="results", title_justify="left",
-                  caption="± half-width of the 95% interval (1.96 x stderr)" if has_errors else None,
-                  caption_justify="left")
+                  caption="± half-width of the 95% interval (bootstrap over examples)" if compared.has_intervals()
+                  else None, caption_justify="left")
     table.add_column("step", no_wrap=True)
     table.add_column("metric", overflow="fold")
     table.add_column("value", justify="right")
-    for step, metric, value, error in rows:
-        table.add_row(step, metric, _with_interval(value, error))
+    for step, metric, value in rows:
+        table.add_row(step, metric, value)
     console.print(table)
 
 
@@ -236,7 +274,7 @@ def eval_(models: str = typer.Option(..., "--models", help="Comma-separated mode
 
     from datamill.api import run as run_spec
     from datamill.errors import SpecError
-    from datamill.executor import comparison
+    from datamill.comparison import comparison
 
     def split(text: str) -> list[str]:
         return [x.strip() for x in text.split(",") if x.strip()]
@@ -260,16 +298,17 @@ def eval_(models: str = typer.Option(..., "--models", help="Comma-separated mode
                     f"\nsweep:\n  models.model: {json.dumps(refs)}\n")
     result = run_spec(spec, [f"executor.kind={executor}"] if executor else None, quiet=progress.is_quiet())
     compared = comparison(result)
-    columns, values = compared.columns, compared.values
-    table = Table(title="tasks x models", title_justify="left")
+    table = Table(title="tasks x models", title_justify="left",
+                  caption="\n".join(_comparison_notes(compared)) or None, caption_justify="left")
     table.add_column("task.metric")
     for ref in refs:
         table.add_column(ref if ref.startswith("builtin:") or not Path(ref).exists() else Path(ref).name,
                          justify="right")
-    for j, column in enumerate(columns):  # "<step>.<task>.<metric>": the step is named after the task
-        table.add_row(column.split(".", 1)[1], *("" if row[j] is None else f"{row[j]:.4g}" for row in values))
+    for j, column in enumerate(compared.columns):  # "<step>.<task>.<metric>": the step is named after the task
+        table.add_row(column.split(".", 1)[1], *(_cell_text(compared, i, j) for i in range(len(compared.rows))))
     console = progress.console()
     console.print(table)
+    _print_tests(console, compared)
     point = " --point LABEL" if len(refs) > 1 else ""
     console.print(f"spec: {spec}   tables: datamill sql {spec}{point} \"SELECT * FROM <step>\"", markup=False)
     if result.run_id:

@@ -113,7 +113,9 @@ def execute(plans: list[Plan], tracker=None) -> RunResult:
                     workspace.register(_views(plan))
             result.run_id = result.run_id or result.points[0].run_id
             if parent:
-                _log_comparison(result, tracker, parent)
+                from datamill.comparison import log_comparison
+
+                log_comparison(result, tracker, parent)
                 tracker.end_run(parent, "FINISHED")
         except BaseException as e:
             if parent:
@@ -177,109 +179,6 @@ def _logged_before(plans: list[Plan], tracker) -> tuple[str, list[str]] | None:
         if all(d in children for d in digests):  # a child deleted since: not this parent
             return parent, [children[d] for d in digests]
     return None
-
-
-@dataclass
-class Comparison:
-    """A sweep's numbers side by side: a row per point, a column per "<step>.<metric>" of the
-    steps that differ between points (Step.comparison_metrics). A step that is the same in
-    every point but measures what a differing step measures (the base model evaluated like the
-    fine-tuned ones) adds a reference row, named after it. `errors`, shaped like `values`: each
-    number's standard error where the step's stats hold one beside it (None elsewhere)."""
-
-    rows: list[str]
-    columns: list[str]
-    values: list[list[float | None]]
-    references: set[str] = field(default_factory=set)
-    errors: list[list[float | None]] | None = None
-
-
-def comparison(result: RunResult) -> Comparison:
-    measured = []  # per point: step name -> (key, its comparison metrics, their standard errors)
-    for point in result.points:
-        steps = {}
-        for planned in point.plan.steps:
-            record = point.steps.get(planned.name)
-            metrics = planned.step.comparison_metrics(record.stats) if record is not None else {}
-            if metrics:
-                errors = {m: _stderr(record.stats, m) for m in metrics}
-                steps[planned.name] = (planned.key, metrics, {m: e for m, e in errors.items() if e is not None})
-        measured.append(steps)
-    names = list(dict.fromkeys(name for steps in measured for name in steps))
-    shared = [name for name in names if len(measured) > 1 and all(name in steps for steps in measured)
-              and len({steps[name][0] for steps in measured}) == 1]
-    varying = [name for name in names if name not in shared]
-    rows = []  # (label, column -> value, column -> standard error)
-    for point, steps in zip(result.points, measured):
-        values, errors = {}, {}
-        for name in (name for name in varying if name in steps):
-            _, metrics, stderrs = steps[name]
-            for m in sorted(metrics):
-                values[f"{name}.{m}"] = metrics[m]
-                if m in stderrs:
-                    errors[f"{name}.{m}"] = stderrs[m]
-        rows.append((point.label or point.run_id, values, errors))
-    columns = list(dict.fromkeys(c for _, values, _ in rows for c in values))
-    references = set()
-    for name in shared:
-        _, metrics, errors = measured[0][name]
-        same = [(f"{other}.{m}", m) for other in varying for m in metrics if f"{other}.{m}" in columns]
-        if same:
-            rows.append((name, {c: metrics[m] for c, m in same}, {c: errors[m] for c, m in same if m in errors}))
-            references.add(name)
-    return Comparison([label for label, _, _ in rows], columns,
-                      [[values.get(c) for c in columns] for _, values, _ in rows], references,
-                      [[errors.get(c) for c in columns] for _, _, errors in rows])
-
-
-def _stderr(stats: dict, metric: str) -> float | None:
-    """The standard error a step's stats hold beside one of its compared metrics: the metric's
-    `<name>_stderr` sibling (lm-eval's), at any depth: "datamill_capitals_mc.acc" is found as
-    stats["tasks"]["datamill_capitals_mc"]["acc"], its error as [...]["acc_stderr"]. None when
-    there is none, more than one, or it is not a finite number."""
-    import math
-    import numbers
-
-    *path, leaf = metric.split(".")
-    found, nodes = [], [stats]
-    while nodes:
-        node = nodes.pop()
-        here = node
-        for part in path:
-            here = here.get(part) if isinstance(here, dict) else None
-        if isinstance(here, dict) and leaf in here and f"{leaf}_stderr" in here:
-            found.append(here[f"{leaf}_stderr"])
-        nodes += [v for v in node.values() if isinstance(v, dict)]
-    if len(found) != 1 or not isinstance(found[0], numbers.Real) or isinstance(found[0], bool):
-        return None
-    return float(found[0]) if math.isfinite(found[0]) else None
-
-
-def _log_comparison(result: RunResult, tracker, parent: str) -> None:
-    """A sweep's points side by side on its parent run: its metrics, a table, a heatmap
-    (comparison.png) and a bar chart per metric (comparison_bars.png)."""
-    table = comparison(result)
-    if not table.columns:
-        return
-    # "<step>.<metric>/<point>": MLflow lists a run's metrics by name, so each metric's values
-    # for every point (and reference row) read together, and the UI's charts group by the part
-    # before the "/". The tracker makes the point's label a valid key ("method=less,model=smol"
-    # -> "method_less_model_smol").
-    tracker.log_metrics(parent, {f"{column}/{row}": value for row, values in zip(table.rows, table.values)
-                                 for column, value in zip(table.columns, values) if value is not None})
-    tracker.log_table(parent, "comparison", {"point": table.rows, **{c: [row[j] for row in table.values]
-                                                                     for j, c in enumerate(table.columns)}})
-    from datamill.plots import bars, heatmap
-
-    folder = result.workspace.steps_dir / ".tmp" / f"comparison-{parent}"  # cleaned on the next run
-    folder.mkdir(parents=True, exist_ok=True)
-    points = len(table.rows) - len(table.references)
-    heatmap(folder / "comparison.png", table.rows, table.columns, table.values, title=f"{points} sweep points")
-    bars(folder / "comparison_bars.png", table.rows, table.columns, table.values, errors=table.errors,
-         muted=table.references,
-         title=f"{points} sweep points" + (f" (grey: {', '.join(sorted(table.references))})" if table.references else ""))
-    tracker.log_artifact(parent, folder / "comparison.png", "comparison")
-    tracker.log_artifact(parent, folder / "comparison_bars.png", "comparison")
 
 
 class _Serialized:

@@ -92,10 +92,12 @@ def heatmap(path: Path, rows: list[str], columns: list[str], values: list[list[f
 
 
 def bars(path: Path, rows: list[str], columns: list[str], values: list[list[float | None]], *, title: str,
-         muted: set[str] = frozenset(), errors: list[list[float | None]] | None = None) -> Path:
+         muted: set[str] = frozenset(), intervals: list[list[tuple[float, float] | None]] | None = None,
+         marks: list[list[str]] | None = None) -> Path:
     """One small bar chart per column (metrics have different scales), a bar per row; rows in
-    `muted` (a reference such as the base model) are drawn grey. `errors` (shaped like `values`,
-    None where unknown): standard errors, drawn as ±1.96·stderr bars (a 95% normal interval)."""
+    `muted` (a reference such as the base model) are drawn grey. `intervals` (shaped like
+    `values`, None where unknown): each value's 95% interval, drawn as an error bar. `marks`:
+    text after each value (significance stars)."""
     import math
 
     plt = _pyplot()
@@ -108,29 +110,32 @@ def bars(path: Path, rows: list[str], columns: list[str], values: list[list[floa
     title_lines = [max(t.count("\n") + 1 for t in titles[r * width:(r + 1) * width]) for r in range(height)]
     labels = {row: _wrap(row, 30) for row in rows}
     label_width = 0.06 * max((len(line) for label in labels.values() for line in label.split("\n")), default=0) + 0.3
-    errors = errors or [[None] * len(columns) for _ in rows]
-    drawn_errors = any(e is not None for row in errors for e in row)
+    intervals = intervals or [[None] * len(columns) for _ in rows]
+    marks = marks or [[""] * len(columns) for _ in rows]
+    drawn_errors = any(e is not None for row in intervals for e in row)
     fig, axes = plt.subplots(height, width, squeeze=False, figsize=(
         (2.4 + label_width) * width + 0.4,
         sum(0.35 * len(rows) + 1.2 + 0.15 * lines for lines in title_lines) + 0.4 * drawn_errors))
     try:
         for j, column in enumerate(columns):
             ax = axes[j // width][j % width]
-            shown = [(row, float(values[i][j]), errors[i][j]) for i, row in enumerate(rows) if values[i][j] is not None]
+            shown = [(row, float(values[i][j]), intervals[i][j], marks[i][j])
+                     for i, row in enumerate(rows) if values[i][j] is not None]
             ys = list(range(len(shown)))
-            ax.barh(ys, [v for _, v, _ in shown],
-                    color=["#9e9e9e" if row in muted else "#3b75af" for row, _, _ in shown])
-            spans = [(y, v, 1.96 * e) for y, (_, v, e) in zip(ys, shown) if e is not None]
+            ax.barh(ys, [v for _, v, _, _ in shown],
+                    color=["#9e9e9e" if row in muted else "#3b75af" for row, _, _, _ in shown])
+            spans = [(y, v, band) for y, (_, v, band, _) in zip(ys, shown) if band is not None]
             if spans:
-                ax.errorbar([v for _, v, _ in spans], [y for y, _, _ in spans], xerr=[h for _, _, h in spans],
+                ax.errorbar([v for _, v, _ in spans], [y for y, _, _ in spans],
+                            xerr=[[max(0.0, v - b[0]) for _, v, b in spans], [max(0.0, b[1] - v) for _, v, b in spans]],
                             fmt="none", ecolor="black", elinewidth=1, capsize=3)
-            ax.set_yticks(ys, labels=[labels[row] for row, _, _ in shown], fontsize=8)
+            ax.set_yticks(ys, labels=[labels[row] for row, _, _, _ in shown], fontsize=8)
             ax.invert_yaxis()  # first row on top, as in the table
             ends = []
-            for y, (_, v, e) in zip(ys, shown):  # each value written past its bar (and error bar)
-                h = 1.96 * e if e is not None else 0.0
-                ends += [v - h, v + h]
-                ax.text(v + h if v >= 0 else v - h, y, f" {v:.3g} ", va="center", fontsize=7,
+            for y, (_, v, band, mark) in zip(ys, shown):  # each value written past its bar (and error bar)
+                low, high = band if band is not None else (v, v)
+                ends += [min(v, low), max(v, high)]
+                ax.text(max(v, high) if v >= 0 else min(v, low), y, f" {v:.3g}{mark} ", va="center", fontsize=7,
                         ha="left" if v >= 0 else "right")
             if ends:  # room for those numbers inside the chart, on the side(s) the bars go
                 low, high = min(0.0, *ends), max(0.0, *ends)
@@ -141,7 +146,7 @@ def bars(path: Path, rows: list[str], columns: list[str], values: list[list[floa
             ax.grid(axis="x", alpha=0.3)
         for j in range(len(columns), width * height):
             axes[j // width][j % width].axis("off")
-        note = "\nerror bars: ±1.96 × stderr (95% interval)" if drawn_errors else ""
+        note = "\nerror bars: 95% intervals" if drawn_errors else ""
         fig.suptitle(title + note, fontsize=10)
         return _save(fig, path)
     finally:

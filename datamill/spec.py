@@ -150,7 +150,9 @@ def _spec_model(kinds: tuple[str, ...]) -> type[BaseModel]:
         executor: ExecutorConfig = ExecutorConfig()
         """Where shardable steps run: local (default) or a Ray cluster."""
         sweep: Optional[dict[str, Any]] = None
-        """Dotted field paths -> lists of values: one run per combination (grid), or paired with `mode: zip`."""
+        """Dotted field paths -> lists of values: one run per combination (grid), or paired with `mode: zip`.
+        `seeds: {steps.sft.train.seed: [0, 1, 2]}` runs every point once per seed (several paths are
+        zipped) and compares each point as its mean over seeds, with an interval over seeds and examples."""
 
     return Spec
 
@@ -182,6 +184,7 @@ class ResolvedSpec:
     env: Env
     point: dict[str, Any] = field(default_factory=dict)  # sweep path -> value
     label: str = ""
+    seed_keys: tuple[str, ...] = ()  # the paths of `point` from `sweep.seeds`: replicates, averaged in comparisons
 
     @property
     def workspace_root(self) -> Path:
@@ -220,7 +223,25 @@ class LoadedSpec:
                             f"found {_show(sweep)}")
         sweep = dict(sweep)
         mode = sweep.pop("mode", "grid")
+        seeds = sweep.pop("seeds", None)
         problems = []
+        if seeds is not None:
+            if not isinstance(seeds, dict) or not seeds:
+                problems.append(f"{where(('sweep', 'seeds'))}: sweep.seeds: expected a mapping of dotted paths to "
+                                f"lists of seeds, e.g. {{steps.sft.train.seed: [0, 1, 2]}}; found {_show(seeds)}")
+                seeds = None
+            else:
+                for key, values in seeds.items():
+                    if not isinstance(values, list) or not values:
+                        problems.append(f"{where(('sweep', 'seeds', key))}: sweep.seeds.{key}: expected a non-empty "
+                                        f"list of seeds, found {values!r}")
+                if not problems and len({len(v) for v in seeds.values()}) > 1:
+                    problems.append(f"{where(('sweep', 'seeds'))}: sweep.seeds: its paths are zipped and need lists "
+                                    "of equal length")
+                for key in seeds:
+                    if key in sweep:
+                        problems.append(f"{where(('sweep', 'seeds', key))}: sweep.seeds.{key}: also swept outside "
+                                        "`seeds`: sweep it in one place")
         if mode not in ("grid", "zip"):
             problems.append(f"{where(('sweep', 'mode'))}: sweep.mode: expected 'grid' or 'zip', found {mode!r}")
         for key, values in sweep.items():
@@ -235,15 +256,28 @@ class LoadedSpec:
             raise SpecError(problems)
         keys = list(sweep)
         combos = zip(*sweep.values()) if mode == "zip" else product(*sweep.values())
-        return [dict(zip(keys, combo)) for combo in combos]
+        points = [dict(zip(keys, combo)) for combo in combos]
+        if seeds:
+            replicates = [dict(zip(seeds, combo)) for combo in zip(*seeds.values())]
+            points = [{**point, **replicate} for point in points for replicate in replicates]
+        return points
+
+    def seed_keys(self) -> tuple[str, ...]:
+        """The dotted paths under `sweep.seeds` (checked by `sweep_points`)."""
+        data = self.doc.data
+        sweep = _apply(data, self.overrides, self.doc).get("sweep") if isinstance(data, dict) else None
+        seeds = sweep.get("seeds") if isinstance(sweep, dict) else None
+        return tuple(str(k) for k in seeds) if isinstance(seeds, dict) else ()
 
     def points(self) -> list[ResolvedSpec]:
         points = self.sweep_points()
         labels = point_labels(points)
+        seed_keys = self.seed_keys()
         resolved = []
         for point, label in zip(points, labels):
             sweep_overrides = [Override(tuple(str(k).split(".")), v, f"sweep {k}") for k, v in point.items()]
             resolved.append(self._resolve(self.overrides + sweep_overrides, point, label))
+            resolved[-1].seed_keys = seed_keys
         return resolved
 
     def _resolve(self, overrides: list[Override], point: dict, label: str = "") -> ResolvedSpec:

@@ -124,6 +124,12 @@ class Step:
         points, e.g. {"datamill_capitals_mc.acc": 0.64}: a table and a heatmap on the parent run."""
         return {}
 
+    def comparison_examples(self, out_dir: Path) -> dict[str, Any]:
+        """The per-example values behind some of `comparison_metrics`, read from the finished
+        step's folder: {metric: datamill.comparison.ExampleScores}. With them a compared number
+        gets a bootstrap interval, and two points scored on the same examples a paired test."""
+        return {}
+
 
 @dataclass
 class StepContext:

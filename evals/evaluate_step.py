@@ -140,14 +140,25 @@ class EvaluateStep(Step):
                                if p.is_file() and "__pycache__" not in p.parts and (p.suffix != ".yaml" or p in yamls)}}
 
     def comparison_metrics(self, stats: dict) -> dict[str, float]:
-        """Each task's metrics (no stderr; BYOD metrics by their score) for the sweep's heatmap."""
+        """Each task's metrics (BYOD metrics by their score) for the sweep's table and charts."""
         out = {}
         for task, metrics in stats.get("tasks", {}).items():
             if task.startswith("byod_"):
                 out[task] = metrics["score"]
             else:
-                out.update({f"{task}.{m}": v for m, v in metrics.items() if not m.endswith("_stderr")})
+                out.update({f"{task}.{m}": v for m, v in metrics.items() if not m.endswith(_NOT_METRICS)})
         return out
+
+    def comparison_examples(self, out_dir: Path) -> dict:
+        """Every metric's per-example scores from the main table, keyed by the example's doc id
+        (and, for a BYOD metric, its place among the rows drawn from the same text)."""
+        import polars as pl
+
+        path = Path(out_dir) / "tables" / "main.parquet"
+        if not path.is_file():
+            return {}
+        table = pl.read_parquet(path, columns=["task", "doc_id", "metric", "score"])
+        return {column: scores for column, scores in _example_scores(table).items()}
 
     def run(self, ctx) -> None:
         import polars as pl
@@ -193,6 +204,7 @@ class EvaluateStep(Step):
             path = Path(ctx.out_dir) / "results.json"
             path.write_text(json.dumps(results, indent=2))
             ctx.log_artifact(path)
+        _add_intervals(metrics, table)
         ctx.stats.update({"tasks": metrics, "examples": table.select("id", "task").unique().height,
                           "apply_chat_template": chat})
         if commands:
@@ -282,6 +294,49 @@ def evaluate_unit(unit: tuple[str, str], *, settings: dict, include_paths: list[
              "generation": None, "loglikelihoods": None, "prompt": None} for r in found]
     return {"samples": rows, "metrics": {f"byod_{name}": summary}, "results": {}, "apply_chat_template": chat,
             "lm_eval_command": {}}
+
+
+_NOT_METRICS = ("_stderr", "_ci_low", "_ci_high")
+
+
+def _column(task: str, metric: str) -> str:
+    """A per-example row's compared metric: "<task>.<metric>", a BYOD metric by its task name."""
+    return task if task.startswith("byod_") else f"{task}.{metric}"
+
+
+def _example_scores(table) -> dict:
+    """{compared metric: ExampleScores} from per-example rows (task, doc_id, metric, score)."""
+    import numpy as np
+
+    from datamill.comparison import ExampleScores
+    from evals import byod
+
+    aggregation = getattr(byod, "AGGREGATION", {"word_order": "median"})
+    out = {}
+    for (task, metric), rows in table.group_by(["task", "metric"], maintain_order=True):
+        doc_ids = rows["doc_id"].to_list()
+        seen: dict[int, int] = {}
+        keys = []
+        for doc in doc_ids:  # BYOD may draw several examples from one text: the n-th of doc d is "d#n"
+            seen[doc] = seen.get(doc, -1) + 1
+            keys.append(f"{doc}#{seen[doc]}")
+        statistic = aggregation.get(task.removeprefix("byod_"), "mean") if task.startswith("byod_") else "mean"
+        out[_column(task, metric)] = ExampleScores(keys, np.asarray(rows["score"].to_list(), dtype=float), statistic)
+    return out
+
+
+def _add_intervals(metrics: dict, table) -> None:
+    """Each task metric's 95% bootstrap interval over its examples, beside it in the stats:
+    `<metric>_ci_low` / `<metric>_ci_high` (a BYOD metric: `score_ci_low` / `score_ci_high`)."""
+    from datamill import stats
+
+    for column, scores in _example_scores(table).items():
+        task, _, metric = column.partition(".")
+        values = metrics.get(task)
+        name = metric or "score"
+        if not isinstance(values, dict) or name not in values or not len(scores.values):
+            continue
+        values[f"{name}_ci_low"], values[f"{name}_ci_high"] = stats.interval(scores.values, scores.statistic)
 
 
 def _merge_results(into: dict, part: dict) -> None:

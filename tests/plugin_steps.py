@@ -114,6 +114,10 @@ class ScoredConfig(StepConfig):
     """The accuracy it reports (as `demo_task.acc`)."""
     stderr: float | None = None
     """Reported beside it as `acc_stderr`, as lm-eval does."""
+    scores: list[float] | None = None
+    """Per-example scores (example k is doc k), offered to comparisons; `acc` is then their mean."""
+    seed: int | None = None
+    """A training seed stand-in: flips the score of example `seed` (a replicate that differs a little)."""
 
 
 @register_step
@@ -122,6 +126,7 @@ class ScoredStep(Step):
 
     kind = "scored"
     Config = ScoredConfig
+    side_tables = ("scores",)
 
     def input_tables(self):
         return [(("input",), self.config.input)]
@@ -130,9 +135,29 @@ class ScoredStep(Step):
         return {f"{task}.{m}": v for task, metrics in stats["tasks"].items() for m, v in metrics.items()
                 if not m.endswith("_stderr")}
 
+    def comparison_examples(self, out_dir):
+        import numpy as np
+        import polars as pl
+
+        from datamill.comparison import ExampleScores
+
+        path = out_dir / "tables" / "scores.parquet"
+        if not path.is_file():
+            return {}
+        table = pl.read_parquet(path)
+        return {"demo_task.acc": ExampleScores([str(d) for d in table["doc_id"]], np.asarray(table["score"]))}
+
     def run(self, ctx) -> None:
+        import polars as pl
+
         ctx.write(ctx.read(self.config.input))
         metrics = {"acc": self.config.acc}
+        if self.config.scores is not None:
+            scores = list(self.config.scores)
+            if self.config.seed is not None:
+                scores[self.config.seed] = 1.0 - scores[self.config.seed]
+            ctx.write(pl.DataFrame({"doc_id": list(range(len(scores))), "score": scores}), "scores")
+            metrics["acc"] = sum(scores) / len(scores)
         if self.config.stderr is not None:
             metrics["acc_stderr"] = self.config.stderr
         ctx.stats["tasks"] = {"demo_task": metrics}

@@ -181,19 +181,24 @@ def test_a_sweep_run_twice_from_python_has_one_parent_and_one_child_per_point(wr
 # --------------------------------------------------------------------------- item 14: readable sweeps
 
 def test_the_sweep_parent_holds_the_compared_metrics_and_children_their_results(write_spec):
-    from datamill.executor import comparison
+    from datamill.comparison import comparison
 
     result = datamill.run(write_spec(SWEEP))
     compared = comparison(result)
     assert compared.rows == ["acc=0.6,stderr=0.04", "acc=0.7", "base"] and compared.columns == ["score.demo_task.acc"]
     assert compared.values == [[0.6], [0.7], [0.5]]
-    assert compared.errors == [[0.04], [None], [0.05]]  # from each step's acc_stderr, where there is one
+    # a normal interval from each step's acc_stderr, where there is one (no per-example scores: no test)
+    assert compared.intervals == [[pytest.approx((0.6 - 1.96 * 0.04, 0.6 + 1.96 * 0.04))], [None],
+                                  [pytest.approx((0.5 - 1.96 * 0.05, 0.5 + 1.96 * 0.05))]]
+    assert not compared.has_tests()
 
     client = mlflow.MlflowClient(tracking_uri=result.tracking_location)
     parent = client.get_run(result.run_id).data
     # a metric's value for every point sorts together; labels made valid keys ("=", "," are not allowed)
-    assert parent.metrics == {"score.demo_task.acc/acc_0.6_stderr_0.04": 0.6, "score.demo_task.acc/acc_0.7": 0.7,
-                              "score.demo_task.acc/base": 0.5}
+    assert {k: v for k, v in parent.metrics.items() if ".ci_" not in k} == {
+        "score.demo_task.acc/acc_0.6_stderr_0.04": 0.6, "score.demo_task.acc/acc_0.7": 0.7,
+        "score.demo_task.acc/base": 0.5}
+    assert parent.metrics["score.demo_task.acc.ci_low/base"] == pytest.approx(0.5 - 1.96 * 0.05)
     assert parent.tags["datamill.role"] == "sweep" and "datamill.point" not in parent.tags
     # the parent is every point: its params and spec say which fields are swept, not point 1's values
     assert parent.params["steps.score.scored.acc"] == "(swept: see sweep)"
@@ -240,7 +245,9 @@ def test_comparison_bars_keep_long_titles_inside_the_figure_and_draw_error_bars(
               [0.44, 0.44, None, 0.57, 0.3]]
     errors = [[0.06, 0.05, None, None, 0.04], [0.08, 0.05, None, None, 0.04], [0.08, 0.05, None, None, 0.04],
               [0.08, 0.05, None, None, None]]
-    path = plots.bars(tmp_path / "comparison_bars.png", rows, columns, values, errors=errors, muted={"base"},
+    intervals = [[None if e is None else (v - 1.96 * e, v + 1.96 * e) for v, e in zip(vs, es)]
+                 for vs, es in zip(values, errors)]
+    path = plots.bars(tmp_path / "comparison_bars.png", rows, columns, values, intervals=intervals, muted={"base"},
                       title="3 sweep points (grey: base)")
     assert path.stat().st_size > 10_000
 
@@ -250,5 +257,5 @@ def test_comparison_bars_keep_long_titles_inside_the_figure_and_draw_error_bars(
         assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0 and box.y1 <= figure.y1, box
     for i, box in enumerate(drawn["titles"]):
         assert not any(box.overlaps(other) for other in drawn["titles"][i + 1:])  # no title runs into the next
-    assert drawn["error_bars"] == [4, 4, 0, 0, 3]  # a bar per row with a stderr, none elsewhere
-    assert "1.96" in drawn["suptitle"]
+    assert drawn["error_bars"] == [4, 4, 0, 0, 3]  # a bar per row with an interval, none elsewhere
+    assert "95% intervals" in drawn["suptitle"]
