@@ -6,7 +6,11 @@
 
     python -m datagen.lm_eval_export evals/tasks      # the tasks datamill ships (evals/tasks/)
 
-Per family two tasks over the same `n` test rows, and a group `datamill_<family>` of both:
+Per family two tasks over the same test rows, and a group `datamill_<family>` of both. The test
+rows come from the family's held-out `eval` split (datagen/tasks.py: no `train` row, the default
+of `tasks` steps and sources, asks any of them, at any seed) and never repeat a question; the
+few-shot rows come from the `train` split. Shipped sizes (`TEST_N`): 100 per family, except
+capitals and chat, which get every held-out question there is (147 and 14).
 
     datamill_<family>_mc     multiple_choice over the row's 4 `choices`; acc, acc_norm
     datamill_<family>_exact  generate_until (until "\\n"); a regex filter pulls the answer out of
@@ -27,6 +31,10 @@ import re
 from pathlib import Path
 
 TEST_SPLIT, FEWSHOT_SPLIT = "test", "train"
+DEFAULT_TEST_N = 100
+# Test rows per family when `n` is not given (what evals/tasks/ ships). Capitals and chat ask for
+# more than their held-out split has: they get all of it (147 and 14 distinct questions at medium).
+TEST_N = {"capitals": 1000, "chat": 1000}
 DOC_TO_TEXT = "Question: {{question}}\nAnswer:"
 
 # What the exact-match filter extracts from a generation, per family.
@@ -67,19 +75,37 @@ def _exact_settings(family: str) -> dict:
             "max_gen_toks": 128 if family == "chat" else 64}
 
 
-def _docs(family: str, n: int, seed: int, difficulty: str, exclude: set[str] = frozenset()) -> list[dict]:
-    from datagen.tasks import generate_tasks
+def distinct_rows(family: str, n: int, seed: int, difficulty: str, split: str,
+                  exclude: set[str] = frozenset()) -> list[dict]:
+    """Up to `n` rows of `family` with distinct questions (none in `exclude`): rows k = 0, 1, ... of
+    `generate_tasks([family], ., seed, difficulty, split)`, skipping repeated questions. Stops early
+    when `patience` rows in a row bring nothing new: the split has fewer distinct questions than `n`
+    (with 147 questions, 2,000 draws all miss the last unseen one with p < 1e-5)."""
+    from datagen.tasks import make_row
+
+    rows, seen = [], set(exclude)
+    patience = max(2000, 2 * n)
+    k = misses = 0
+    while len(rows) < n and misses < patience:
+        row = make_row(family, seed, k, difficulty, split)
+        k += 1
+        question = row["messages"][0]["content"]
+        if question in seen:
+            misses += 1
+            continue
+        misses = 0
+        seen.add(question)
+        rows.append(row)
+    return rows
+
+
+def _docs(family: str, n: int, seed: int, difficulty: str, split: str, exclude: set[str] = frozenset()) -> list[dict]:
     from datamill.records import row_id
 
-    docs = []
-    for row in generate_tasks([family], n, seed, difficulty):
-        question = row["messages"][0]["content"]
-        if question in exclude:
-            continue
-        docs.append({"id": row_id(row["messages"]), "family": family, "difficulty": difficulty,
-                     "question": question, "answer": row["answer"], "choices": row["choices"],
-                     "label": row["choices"].index(row["answer"]), "reply": row["messages"][1]["content"]})
-    return docs
+    return [{"id": row_id(row["messages"]), "family": family, "difficulty": difficulty,
+             "question": row["messages"][0]["content"], "answer": row["answer"], "choices": row["choices"],
+             "label": row["choices"].index(row["answer"]), "reply": row["messages"][1]["content"]}
+            for row in distinct_rows(family, n, seed, difficulty, split, exclude)]
 
 
 def _write_jsonl(path: Path, docs: list[dict]) -> None:
@@ -130,31 +156,37 @@ def _write_yaml(path: Path, config: dict) -> None:
     path.write_text(yaml.dump(config, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=1000))
 
 
-def export_lm_eval_tasks(out_dir: Path, families: list[str] | None = None, n: int = 100, seed: int = 1234,
-                         difficulty: str = "medium", *, num_fewshot: int = 0, fewshot_n: int = 20,
+def export_lm_eval_tasks(out_dir: Path, families: list[str] | None = None, n: int | dict[str, int] | None = None,
+                         seed: int = 1234, difficulty: str = "medium", *, num_fewshot: int = 0, fewshot_n: int = 20,
                          fewshot_seed: int | None = None) -> list[str]:
     """Write lm-eval task YAMLs and JSONL data for `families` into `out_dir`; return the task names
     (`datamill_<family>_mc`, `datamill_<family>_exact` for each family, in that order).
 
-    Train/test leakage: the test rows come from `seed` (default 1234), chosen to differ from the
-    seeds training data is usually made with (0, 1, 42): rows with another seed are independent
-    draws. Never export with the seed your training rows used, or the eval set *is* training data.
-    A different seed is not enough for small families, though: capitals (~375 distinct questions),
-    chat (42) and easy arithmetic (243) repeat questions across any two seeds, so drop training rows
-    whose prompt appears in the exported `question`s (e.g. a SQL anti-join) when that matters.
+    Test rows: up to `n` per family (an int for all, a dict per family with DEFAULT_TEST_N for the
+    rest, None = TEST_N, what evals/tasks/ ships) from the family's held-out `eval` split at `seed`,
+    no question twice. A family with fewer distinct held-out questions gets them all; the YAML's
+    metadata `n` is the number written. No `train`-split row (the default of `generate_tasks`,
+    `tasks` steps and `generator: tasks` sources) asks any of them, whatever its seed: the split is
+    a fixed partition of what is asked (datagen/tasks.py), so pools need no dedup against the eval.
 
-    Few-shot: `fewshot_n` rows (seed `fewshot_seed`, default `seed + 1`, minus any question that is
-    also in the test rows) go to a `train` split that lm-eval draws examples from; `num_fewshot` is
-    written into the YAML (lm-eval's `num_fewshot` argument overrides it). `fewshot_n=0` writes none.
-    Rows are read in memory by the loader (utils.py): nothing is cached under ~/.cache.
+    Few-shot: up to `fewshot_n` rows with distinct questions (seed `fewshot_seed`, default
+    `seed + 1`, `train` split) go to a `train` split that lm-eval draws examples from;
+    `num_fewshot` is written into the YAML (lm-eval's `num_fewshot` argument overrides it).
+    `fewshot_n=0` writes none. Rows are read in memory by the loader (utils.py): nothing is cached
+    under ~/.cache.
     """
-    from datagen.tasks import DIFFICULTIES, check_families
+    from datagen.tasks import DIFFICULTIES, GENERATOR_VERSION, check_families
 
     families = list(dict.fromkeys(check_families(families)))
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"unknown difficulty {difficulty!r}; valid: {', '.join(DIFFICULTIES)}")
-    if n <= 0:
-        raise ValueError(f"n must be > 0, got {n}")
+    if n is None:
+        n = TEST_N
+    sizes = ({f: n.get(f, DEFAULT_TEST_N) for f in families} if isinstance(n, dict)
+             else dict.fromkeys(families, n))
+    for family, size in sizes.items():
+        if size <= 0:
+            raise ValueError(f"n must be > 0, got {size} for {family}")
     if num_fewshot > 0 and fewshot_n < num_fewshot:
         raise ValueError(f"num_fewshot={num_fewshot} needs fewshot_n >= {num_fewshot} (got {fewshot_n})")
     out_dir = Path(out_dir).resolve()
@@ -164,11 +196,11 @@ def export_lm_eval_tasks(out_dir: Path, families: list[str] | None = None, n: in
 
     names = []
     for family in families:
-        test = _docs(family, n, seed, difficulty)
+        test = _docs(family, sizes[family], seed, difficulty, "eval")
         _write_jsonl(out_dir / "data" / f"{family}_{TEST_SPLIT}.jsonl", test)
         splits = {"test_split": TEST_SPLIT}
         if fewshot_n > 0:
-            pool = _docs(family, fewshot_n, fewshot_seed, difficulty, exclude={d["question"] for d in test})
+            pool = _docs(family, fewshot_n, fewshot_seed, difficulty, "train", exclude={d["question"] for d in test})
             if len(pool) < max(num_fewshot, 1):
                 raise ValueError(f"{family}: only {len(pool)} few-shot rows differ from the test rows; "
                                  f"raise fewshot_n or lower num_fewshot")
@@ -181,8 +213,9 @@ def export_lm_eval_tasks(out_dir: Path, families: list[str] | None = None, n: in
             "num_fewshot": num_fewshot,
             "doc_to_text": DOC_TO_TEXT,
         }
-        meta = {"version": 1.0, "generator": "datamill tasks", "family": family, "n": n, "seed": seed,
-                "fewshot_seed": fewshot_seed, "difficulty": difficulty}
+        meta = {"version": 2.0, "generator": "datamill tasks", "generator_version": GENERATOR_VERSION,
+                "family": family, "split": "eval", "n": len(test), "seed": seed, "fewshot_seed": fewshot_seed,
+                "difficulty": difficulty}
 
         mc = f"datamill_{family}_mc"
         _write_yaml(out_dir / f"{mc}.yaml", {
@@ -214,7 +247,7 @@ def export_lm_eval_tasks(out_dir: Path, families: list[str] | None = None, n: in
         names += [mc, exact]
         # the family's name alone runs both (DESIGN's `datamill_arithmetic`)
         _write_yaml(out_dir / f"datamill_{family}.yaml", {"group": f"datamill_{family}", "task": [mc, exact],
-                                                          "metadata": {"version": 1.0}})
+                                                          "metadata": {"version": 2.0}})
     return names
 
 
@@ -224,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the task families as lm-eval tasks into a folder.")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--families", nargs="+", default=None, help="default: all")
-    parser.add_argument("--n", type=int, default=100, help="test rows per family")
+    parser.add_argument("--n", type=int, default=None,
+                        help=f"test rows per family (default: {DEFAULT_TEST_N}; capitals and chat: all held-out ones)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--num-fewshot", type=int, default=0)
     parser.add_argument("--fewshot-n", type=int, default=20)

@@ -17,8 +17,31 @@ row k draws only from its own `random.Random(f"{seed}:{family}:{k}")`. String se
 hashed with SHA-512 by `random`, never with `hash()`, so the rows are the same in every
 process, and raising `n` keeps the first rows as they were.
 
-Small families repeat at large `n` (easy arithmetic has 243 distinct questions, capitals
-about 375, chat 42): deduplicate downstream if that matters.
+Held-out split: `split="train"` (the default: `tasks` steps, `generator: tasks` sources, pools
+and targets) and `split="eval"` (the shipped lm-eval tasks, `datagen/lm_eval_export.py`) never
+ask the same thing, by construction, so an eval score is never a score on rows a model trained
+on or a selector picked. Each family names what defines its question (`Task.key`; questions that
+give each other's answer away share one) and `split_of` puts that key in one split by a fixed
+rule of the key alone (not of seed, n or difficulty): a pool at any seed is disjoint from the
+shipped eval at any seed.
+
+    capitals    the country (also for "which country has capital X" and continent questions):
+                per continent, the 40 % of countries with the lowest sha256("capitals:<country>")
+                are eval countries (49 of 125), the rest train (wrong options come from any
+                country: they are not questions, and no reply states an eval country's facts)
+    chat        the prompt: the third of the 42 pairs with the lowest sha256("chat:<prompt>")
+    others      sha256("<family>:<key>") in the lowest 20 % of its range -> eval, where key is
+                arithmetic: the operands and operator (a + b and b + a share one key); units: the
+                quantity and dimension (1.5 km -> m and 1500 m -> km share one); sort: the sorted
+                items; reverse: the phrase or word up to reversal; code: the snippet
+
+A row draws tasks from its own stream until one falls in the requested split (rejection
+sampling), so rows stay deterministic per (seed, family, k, difficulty, split), and a train row
+whose first draw is a train question is the row GENERATOR_VERSION "1" made.
+
+Small families repeat at large `n` (distinct train/eval questions: capitals 228/147 at medium,
+152/98 at easy; chat 28/14; easy arithmetic 180/63; easy units 73/16; hard code 167/45):
+deduplicate downstream if that matters (the exporter writes the eval split without repeats).
 
 A family is a function `(rng: random.Random, difficulty: str) -> Task`; `FAMILIES` lists them.
 Names in `countries.csv` use common English spellings without diacritics (Bogota, Brasilia).
@@ -27,6 +50,7 @@ Names in `countries.csv` use common English spellings without diacritics (Bogota
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 from decimal import ROUND_HALF_UP, Decimal
@@ -40,7 +64,8 @@ CHAT_JSONL = DATA_DIR / "chat.jsonl"
 DIFFICULTIES = ("easy", "medium", "hard")
 N_CHOICES = 4
 # Bump when a family's output for the same (seed, k, difficulty) changes: it enters cache keys.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
+SPLITS = ("train", "eval")
 
 
 class Task(NamedTuple):
@@ -50,6 +75,7 @@ class Task(NamedTuple):
     reply: str
     answer: str
     distractors: list[str]  # plausible wrong answers; at least 3 distinct ones that differ from `answer`
+    key: str = ""  # what defines the question for the held-out split (see `split_of`); "" = the prompt
 
 
 # --- shared vocabulary -------------------------------------------------------------------
@@ -124,8 +150,9 @@ def arithmetic(rng: random.Random, difficulty: str) -> Task:
         wrong.append(b - a)
     if op == "*":
         wrong += [answer + a, answer - b]
+    key = f"{min(a, b)} {op} {max(a, b)}" if op in "+*" else f"{a} {op} {b}"  # a + b = b + a
     return Task(f"Compute {a} {op} {b}. Answer with the number only.", str(answer), str(answer),
-                [str(w) for w in wrong])
+                [str(w) for w in wrong], key)
 
 
 # --- reverse -----------------------------------------------------------------------------
@@ -146,7 +173,8 @@ def reverse(rng: random.Random, difficulty: str) -> Task:
         rotated = answer_words[1:] + answer_words[:1]
         wrong = [" ".join(w) for w in _wrong_orders(rng, answer_words, [words, slip, rotated])]
         prompt = f'Reverse the order of the words in "{" ".join(words)}". Answer with the reversed text only.'
-        return Task(prompt, answer, answer, wrong)
+        # a phrase and its reversal are one key: either question gives away the other's answer
+        return Task(prompt, answer, answer, wrong, "words:" + " ".join(min(words, answer_words)))
     word = rng.choice(_words_of_length(*_REVERSE_WORD_LENGTH[difficulty]))
     answer = word[::-1]
     slip = list(answer)
@@ -155,7 +183,7 @@ def reverse(rng: random.Random, difficulty: str) -> Task:
     wrong = [list(word), slip, list(word[0] + word[:0:-1]), list(answer[1:] + answer[0])]
     wrong = ["".join(w) for w in _wrong_orders(rng, list(answer), wrong)]
     prompt = f'Reverse the letters of the word "{word}". Answer with the reversed word only.'
-    return Task(prompt, answer, answer, wrong)
+    return Task(prompt, answer, answer, wrong, "letters:" + min(word, answer))
 
 
 # --- sort --------------------------------------------------------------------------------
@@ -185,7 +213,8 @@ def sort(rng: random.Random, difficulty: str) -> Task:
     answer = ", ".join(ordered)
     prompt = (f"Sort these {what} in ascending order: {', '.join(items)}. "
               f"Answer with the {how} separated by commas.")
-    return Task(prompt, answer, answer, [", ".join(w) for w in wrong])
+    # the items, not their order: any order of the same items has the same answer
+    return Task(prompt, answer, answer, [", ".join(w) for w in wrong], f"{how}:{answer}")
 
 
 # --- capitals ----------------------------------------------------------------------------
@@ -241,7 +270,7 @@ def capitals(rng: random.Random, difficulty: str) -> Task:
         prompt = f"Which country has {row.capital} as its capital?"
         reply = f"{row.capital} is the capital of {name}."
         answer, wrong = row.country, [c.country for c in rng.sample(neighbours, min(5, len(neighbours)))]
-    return Task(prompt, reply, answer, wrong)
+    return Task(prompt, reply, answer, wrong, row.country)
 
 
 # --- units -------------------------------------------------------------------------------
@@ -283,7 +312,7 @@ def _celsius(rng: random.Random, difficulty: str) -> Task:
     wrong = [forgot_32, Decimal(c) + 32, backwards, answer + 1, answer - 1, Decimal(c) * 2 + 30]
     prompt = (f"Convert {c} °C to degrees Fahrenheit, rounded to the nearest whole number. "
               "Answer with the number only.")
-    return Task(prompt, _fmt_decimal(answer), _fmt_decimal(answer), [_fmt_decimal(w) for w in wrong])
+    return Task(prompt, _fmt_decimal(answer), _fmt_decimal(answer), [_fmt_decimal(w) for w in wrong], f"celsius:{c}")
 
 
 def units(rng: random.Random, difficulty: str) -> Task:
@@ -305,10 +334,12 @@ def units(rng: random.Random, difficulty: str) -> Task:
             hours, minutes = divmod(int(value), 60)
             wrong.append(Decimal(f"{hours}.{minutes:02d}"))
     prompt = f"Convert {_fmt_decimal(value)} {name_from} to {name_to}. Answer with the number only."
+    # the quantity in the larger unit: 1.5 km -> m and 1500 m -> km are one key
+    key = f"{_LINEAR_UNITS[pick // 2][0]}:{_fmt_decimal(answer if downward else value)}"
     # a wrong direction can give 0.0958333...: show wrong answers with at most 3 decimals
     wrong = [w if w == w.quantize(Decimal("0.001")) else w.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
              for w in wrong]
-    return Task(prompt, _fmt_decimal(answer), _fmt_decimal(answer), [_fmt_decimal(w) for w in wrong])
+    return Task(prompt, _fmt_decimal(answer), _fmt_decimal(answer), [_fmt_decimal(w) for w in wrong], key)
 
 
 # --- code --------------------------------------------------------------------------------
@@ -427,7 +458,7 @@ def code(rng: random.Random, difficulty: str) -> Task:
     if len(wrong) < N_CHOICES - 1:  # rare: the template's own wrong answers collapsed
         wrong += [answer[::-1], answer + answer[-1], answer[:-1] or "0", answer.swapcase()]
     prompt = f"What does this Python code print?\n\n```python\n{snippet}\n```\n\nAnswer with the output only."
-    return Task(prompt, answer, answer, wrong)
+    return Task(prompt, answer, answer, wrong, snippet)
 
 
 # --- chat --------------------------------------------------------------------------------
@@ -443,8 +474,59 @@ def chat(rng: random.Random, difficulty: str) -> Task:
     """Generic chit-chat with no checkable answer: a distractor family (answer = the canonical reply)."""
     pairs = chat_pairs()
     prompt, reply = rng.choice(pairs)
-    wrong = [r for _, r in rng.sample(pairs, 6) if r != reply]
-    return Task(prompt, reply, reply, wrong)
+    wrong = [r for _, r in rng.sample(pairs, 6) if r != reply]  # wrong replies from either split
+    return Task(prompt, reply, reply, wrong, prompt)
+
+
+# --- the held-out split -------------------------------------------------------------------
+
+EVAL_SHARE = 0.2          # of each open-ended family's keys (arithmetic, reverse, sort, units, code)
+EVAL_COUNTRY_SHARE = 0.4  # of each continent's countries
+EVAL_CHAT_SHARE = 1 / 3   # of the chat pairs
+_MAX_DRAWS = 10_000       # a row's draws before giving up: at a 20 % share, 100 draws miss with p = 2e-10
+
+
+def _unit_hash(text: str) -> float:
+    """A stable number in [0, 1) for `text` (sha256: the same in every process and version)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def _lowest_share(names: list[str], share: float, salt: str) -> set[str]:
+    """The round(share * len) names (halves up) with the lowest hash: an exact share."""
+    ranked = sorted(names, key=lambda name: (_unit_hash(f"{salt}:{name}"), name))
+    return set(ranked[:int(share * len(names) + 0.5)])
+
+
+@lru_cache(maxsize=1)
+def eval_countries() -> frozenset[str]:
+    """The countries only the eval split asks about: 40 % of each continent's, by hash."""
+    by_continent: dict[str, list[str]] = {}
+    for c in countries():
+        by_continent.setdefault(c.continent, []).append(c.country)
+    return frozenset(name for names in by_continent.values()
+                     for name in _lowest_share(names, EVAL_COUNTRY_SHARE, "capitals"))
+
+
+@lru_cache(maxsize=1)
+def eval_chat_prompts() -> frozenset[str]:
+    """The chat prompts only the eval split uses: a third of the pairs, by hash."""
+    return frozenset(_lowest_share([p for p, _ in chat_pairs()], EVAL_CHAT_SHARE, "chat"))
+
+
+def split_of(family: str, key: str) -> str:
+    """Which split ("eval" or "train") asks the question with this key (`Task.key`) of `family`.
+
+    A fixed rule of the key alone (never of seed, n or difficulty): see the module docstring."""
+    if family == "capitals":
+        return "eval" if key in eval_countries() else "train"
+    if family == "chat":
+        return "eval" if key in eval_chat_prompts() else "train"
+    return "eval" if _unit_hash(f"{family}:{key}") < EVAL_SHARE else "train"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
 
 
 # --- the families, and rows from them ----------------------------------------------------
@@ -481,10 +563,20 @@ def task_rng(seed: int, family: str, k: int) -> random.Random:
     return random.Random(f"{seed}:{family}:{k}")
 
 
-def make_row(family: str, seed: int, k: int, difficulty: str = "medium") -> dict:
+def draw_task(family: str, rng: random.Random, difficulty: str, split: str = "train") -> Task:
+    """The family's next task from `rng` whose question is in `split` (redrawn until it is)."""
+    make = FAMILIES[family]
+    for _ in range(_MAX_DRAWS):
+        task = make(rng, difficulty)
+        if split_of(family, task.key or task.prompt) == split:
+            return task
+    raise RuntimeError(f"{family} ({difficulty}): no {split} question in {_MAX_DRAWS} draws")
+
+
+def make_row(family: str, seed: int, k: int, difficulty: str = "medium", split: str = "train") -> dict:
     """Row k of a generation with this seed, as `generate_tasks` makes it."""
     rng = task_rng(seed, family, k)
-    task = FAMILIES[family](rng, difficulty)
+    task = draw_task(family, rng, difficulty, split)
     distractors = [d for d in dict.fromkeys(task.distractors) if d != task.answer]
     if len(distractors) < N_CHOICES - 1:  # a bug in a family, not bad luck: each has enough by design
         raise AssertionError(f"{family} row {k}: only {len(distractors)} distractors for {task.answer!r}")
@@ -500,21 +592,25 @@ def make_row(family: str, seed: int, k: int, difficulty: str = "medium") -> dict
     }
 
 
-def iter_tasks(families: list[str] | None, n: int, seed: int, difficulty: str = "medium") -> Iterator[dict]:
+def iter_tasks(families: list[str] | None, n: int, seed: int, difficulty: str = "medium",
+               split: str = "train") -> Iterator[dict]:
     """Rows one at a time (see `generate_tasks`)."""
     families = check_families(families)
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"unknown difficulty {difficulty!r}; valid: {', '.join(DIFFICULTIES)}")
+    _check_split(split)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     for k in range(n):
-        yield make_row(families[k % len(families)], seed, k, difficulty)
+        yield make_row(families[k % len(families)], seed, k, difficulty, split)
 
 
-def generate_tasks(families: list[str] | None, n: int, seed: int, difficulty: str = "medium") -> list[dict]:
+def generate_tasks(families: list[str] | None, n: int, seed: int, difficulty: str = "medium",
+                   split: str = "train") -> list[dict]:
     """`n` rows dealt round-robin over `families` (None = all; repeat a name to weight it).
 
     Each row: messages (user prompt, assistant reply), family, answer, difficulty, choices
     (4 options incl. the answer once, shuffled) and task_seed (the row index k). Deterministic
-    in (families, n, seed, difficulty), and the first rows don't change when n grows."""
-    return list(iter_tasks(families, n, seed, difficulty))
+    in (families, n, seed, difficulty, split), and the first rows don't change when n grows.
+    `split`: "train" (default) or "eval", held out from each other (module docstring)."""
+    return list(iter_tasks(families, n, seed, difficulty, split))

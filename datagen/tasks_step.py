@@ -3,6 +3,9 @@
     steps:   {t: {tasks: {families: [arithmetic, capitals], n: 100, seed: 0}}}
     sources: {t: {generator: tasks, families: [arithmetic, capitals], n: 100, seed: 0}}
 
+`split: train` (the default) never asks a question of the shipped lm-eval tasks (evals/tasks/,
+made from `split: eval`): pools and targets made here are held out from that eval at any seed.
+
 Writes the canonical instruction schema (id = content hash of messages, source = the step's
 name, provenance columns null) plus `family`, `answer`, `difficulty`, `choices` (4 options for
 multiple choice) and `task_seed` (the row index k that, with `seed`, regenerates the row).
@@ -31,11 +34,17 @@ class TasksConfig(StepConfig):
     n: int = Field(gt=0)
     """Number of rows. Raising it keeps the first rows as they were."""
     seed: int = 0
-    """Seed: row k draws from random.Random(f"{seed}:{family}:{k}"). Use another seed (and dedup
-    against it) for an eval or target set, or training rows will repeat in it."""
+    """Seed: row k draws from random.Random(f"{seed}:{family}:{k}"). Two seeds of the same split can
+    share questions (small families repeat); for an eval set use `split: eval`, not another seed."""
     difficulty: Literal["easy", "medium", "hard"] = "medium"
     """Operand digits (1/2/3), word and list lengths, unit precision, snippet complexity; for capitals,
     easy asks only capital/continent questions with wrong options from anywhere; chat ignores it."""
+    split: Literal["train", "eval"] = "train"
+    """Which side of the fixed held-out partition the questions come from. `train` (pools, targets)
+    and `eval` (what the shipped lm-eval tasks datamill_<family>_* are made from) never share a
+    question, at any seed, n or difficulty: they partition what is asked (capitals: the countries,
+    40 % eval; chat: the prompts, a third eval; the other families: ~20 % of the operands, lists,
+    words, quantities or snippets, by hash). See datagen/tasks.py."""
 
 
 class TasksStep(Step):
@@ -64,7 +73,7 @@ class TasksStep(Step):
         from datamill.records import PROVENANCE_COLUMNS, concat_frames, records_frame, row_id
 
         cfg = self.config
-        rows = iter_tasks(cfg.families, cfg.n, cfg.seed, cfg.difficulty)
+        rows = iter_tasks(cfg.families, cfg.n, cfg.seed, cfg.difficulty, cfg.split)
         frames, chunk = [], []
         per_family: dict[str, int] = {}
         for row in track(rows, f"{ctx.name}: tasks", total=cfg.n):

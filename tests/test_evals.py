@@ -146,7 +146,11 @@ def test_evaluate_step_writes_metrics_results_and_a_per_example_table(write_spec
     assert table.height == 6 * 2 + 6  # acc and acc_norm per MC example, exact_match per generation
     assert set(table["id"].to_list()) == {r["id"] for r in task_rows("capitals")[:6] + task_rows("sort")[:6]}
     metrics = step.stats["tasks"]
-    assert set(metrics["datamill_capitals_mc"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    assert set(metrics["datamill_capitals_mc"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "acc_ci_low",
+                                                    "acc_ci_high", "acc_norm_ci_low", "acc_norm_ci_high"}
+    for m in ("acc", "acc_norm"):  # each metric inside its 95% bootstrap interval
+        assert metrics["datamill_capitals_mc"][f"{m}_ci_low"] <= metrics["datamill_capitals_mc"][m] \
+            <= metrics["datamill_capitals_mc"][f"{m}_ci_high"]
     assert metrics["datamill_capitals_mc"]["acc"] == table.filter(
         (table["task"] == "datamill_capitals_mc") & (table["metric"] == "acc"))["score"].mean()
     results = json.loads((step.tables[0].path.parent.parent / "results.json").read_text())
@@ -420,7 +424,7 @@ def test_the_shipped_tasks_are_what_the_exporter_writes(tmp_path):
     from datagen.lm_eval_export import export_lm_eval_tasks
     from evals import mmlu_dev
 
-    export_lm_eval_tasks(tmp_path, n=100, seed=1234, fewshot_n=20)
+    export_lm_eval_tasks(tmp_path)  # its defaults are the shipped settings
     mmlu_dev.main([str(tmp_path)])
     shipped = {p.relative_to(SHIPPED_TASKS) for p in SHIPPED_TASKS.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     fresh = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}

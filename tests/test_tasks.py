@@ -266,12 +266,21 @@ def test_lm_eval_export_builds_tasks_offline(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         tasks = get_task_dict(names, manager)
-    expected = {f: generate_tasks([f], 15, 1234) for f in families}
+    # the test rows: the eval split at seed 1234, repeated questions skipped
+    expected = {}
+    for f in families:
+        firsts = {}
+        for row in generate_tasks([f], 60, 1234, split="eval"):
+            firsts.setdefault(prompt_of(row), row)
+        expected[f] = list(firsts.values())[:15]
+        assert len(expected[f]) == 15
+        config = load_task_yaml(tmp_path / "lm" / f"datamill_{f}_mc.yaml")
+        assert config["metadata"]["n"] == 15 and config["metadata"]["split"] == "eval"
     for name in names:
         family = name.split("_")[1]
         task = tasks[name]
         docs = list(task.eval_docs)
-        assert len(docs) == 15
+        assert len(docs) == 15 and len({d["question"] for d in docs}) == 15
         for doc, row in zip(docs, expected[family]):
             assert doc["question"] == prompt_of(row)
             assert task.doc_to_text(doc) == f"Question: {prompt_of(row)}\nAnswer:"
@@ -279,9 +288,12 @@ def test_lm_eval_export_builds_tasks_offline(tmp_path, monkeypatch):
                 assert task.doc_to_choice(doc)[task.doc_to_target(doc)] == row["answer"]
             else:
                 assert task.doc_to_target(doc) == row["answer"]
-        # few-shot examples come from another seed and never repeat a test question
+        # few-shot examples come from the train split (another seed) and never repeat a test question
         shots = list(task.fewshot_docs())
-        assert shots and not {d["question"] for d in shots} & {d["question"] for d in docs}
+        assert len(shots) == len({d["question"] for d in shots}) == 10
+        assert [d["question"] for d in shots] == list(dict.fromkeys(
+            prompt_of(r) for r in generate_tasks([family], 30, 1235)))[:10]
+        assert not {d["question"] for d in shots} & {d["question"] for d in docs}
         context = task.fewshot_context(docs[0], num_fewshot=2)
         assert context.count("Question: ") == 3 and context.endswith(f"{prompt_of(expected[family][0])}\nAnswer:")
 
