@@ -10,7 +10,9 @@ point where the target examples' gradients point.
 3. Project with a fixed seeded Rademacher (+-1) matrix (the same for every checkpoint, candidates
    and targets; TRAK's projector, without 1/sqrt(d)), and L2-normalise: dot products are cosines.
 4. score_i = aggregate over targets j of sum_c w_c <T_c[i], V_c[j]>, w_c = mean lr of epoch c /
-   sum of them; aggregate = mean (LESS with one target task) or max.
+   sum of them (the mean over the epoch's optimizer steps of the rate each step was taken
+   with); aggregate = mean (LESS with one target task), max, or subtask (LESS's setting for
+   MMLU, BBH and TyDiQA: the mean within each target subtask, then the max over subtasks).
 
 Per-example gradients come from one backward pass per batch: a LoRA factor is a linear map
 y = W x, and with a summed loss over independent examples the gradient reaching y[b] belongs to
@@ -229,9 +231,20 @@ def sorted_features(model, examples, names: list[str], moments: dict | None, dim
     return np.concatenate(out) if out else np.zeros((0, dim), dtype=np.float32)
 
 
+AGGREGATES = ("mean", "max", "subtask")
+
+
 def less_scores(candidate_feats: list[np.ndarray], target_feats: list[np.ndarray], lrs: list[float],
-                aggregate: str = "mean") -> np.ndarray:
-    """score_i = aggregate_j sum_c w_c <T_c[i], V_c[j]> with w_c = lr_c / sum(lr)."""
+                aggregate: str = "mean", groups=None) -> np.ndarray:
+    """score_i = aggregate_j sum_c w_c <T_c[i], V_c[j]> with w_c = lr_c / sum(lr).
+
+    aggregate: "mean" over all targets, "max" over them, or "subtask": `groups` holds each
+    target's subtask label; the mean over each subtask's targets (the mean of per-example
+    cosines, not the cosine with a mean gradient), then the max over subtasks, as LESS's
+    matching.py. Unlike the reference (a reshape to [N, n_subtasks, -1]), the targets of a
+    subtask need not be contiguous nor the subtasks equal in size: targets are grouped by label."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate: expected one of {', '.join(AGGREGATES)}, found {aggregate!r}")
     weights = np.asarray(lrs, dtype=np.float64)
     weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(lrs), 1 / len(lrs))
     total = sum(w * (t.astype(np.float64) @ v.astype(np.float64).T)
@@ -240,7 +253,16 @@ def less_scores(candidate_feats: list[np.ndarray], target_feats: list[np.ndarray
         return total.mean(axis=1)
     if aggregate == "max":
         return total.max(axis=1)
-    raise ValueError(f"aggregate: expected 'mean' or 'max', found {aggregate!r}")
+    labels = list(groups) if groups is not None else None
+    if labels is None or len(labels) != total.shape[1]:
+        raise ValueError(f"aggregate 'subtask' needs one subtask label per target: found "
+                         f"{'none' if labels is None else len(labels)} for {total.shape[1]} targets")
+    index: dict = {}
+    column = np.array([index.setdefault(label, len(index)) for label in labels])
+    membership = np.zeros((total.shape[1], len(index)))
+    membership[np.arange(total.shape[1]), column] = 1.0
+    means = (total @ membership) / membership.sum(axis=0)  # [N, subtasks]
+    return means.max(axis=1)
 
 
 def batches_of(examples, batch_size: int, pad_id: int):

@@ -37,16 +37,27 @@ from datamill.hashing import hash_obj
 def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, seed: int = 0, progress=None,
              warmup_fraction: float = 0.05, warmup_min: int = 8, epochs: int = 4, lr: float = 2e-5, lora_r: int = 8,
              lora_alpha: float = 32, lora_targets: list[str] | None = None, proj_dim: int = 8192,
-             aggregate: str = "mean", max_len: int = 512, batch_size: int = 8,
+             aggregate: str = "mean", group_column: str | None = None, max_len: int = 512, batch_size: int = 8,
              candidate_gradient: str = "adam", shards=None) -> np.ndarray:
     """Scores of the `less` method. Defaults follow LESS (4 epochs, lr 2e-5, 5% warmup slice,
     8192 dims) except the LoRA rank (8, alpha 32: the reference's 128/512 is slow on a CPU).
     `shards`: the step's shard runner; unless local, the candidates' features are computed in
-    shards (see the module docstring)."""
+    shards (see the module docstring).
+
+    aggregate: how a candidate's lr-weighted cosines with the targets become one score.
+        "mean" (default): the mean over all targets (LESS with a single target task).
+        "max": the best-matching target.
+        "subtask": LESS's setting for MMLU, BBH and TyDiQA: the mean over the targets of each
+        subtask, then the max over subtasks, so a candidate that helps one subtask scores high
+        even when that subtask has few targets. Needs `group_column`.
+    group_column: with aggregate "subtask", the target table's column naming each target
+        example's subtask (e.g. `subject` for MMLU). Targets are grouped by its value: unlike the
+        reference, subtasks need not be contiguous nor equal in size. Only valid with "subtask"."""
     if model_dir is None:
         raise ValueError("method less needs a model to warm up: set `model:` in the select step")
     if candidate_gradient not in ("adam", "sgd"):
         raise ValueError(f"candidate_gradient: expected 'adam' (LESS's default) or 'sgd', found {candidate_gradient!r}")
+    groups = _subtask_groups(aggregate, group_column, target_rows, len(targets))
     lora_targets = lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj"]
     from datamill.models import model_identity
     from datamill.registry import function
@@ -58,7 +69,8 @@ def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, se
     settings = {"pool": hash_obj(pool_convs, 32), "model": model_identity(str(model_dir), Path(model_dir)),
                 "seed": seed, "warmup_fraction": warmup_fraction, "warmup_min": warmup_min, "epochs": epochs,
                 "lr": lr, "lora": lora, "proj_dim": proj_dim, "max_len": max_len, "loss_on": loss_on,
-                "candidate_gradient": candidate_gradient, "version": 1}
+                "candidate_gradient": candidate_gradient,
+                "version": 2}  # 2: epoch mean lr = the rates the epoch's steps used (train/loop.py)
     store = Path(cache_dir) / "less" / hash_obj(settings)
     store.mkdir(parents=True, exist_ok=True)
     (store / "settings.json").write_text(json.dumps(settings, indent=2))
@@ -95,7 +107,40 @@ def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, se
         cand_feats.append(feats)
         target_feats.append(features(model, target_examples, names, None, proj_dim, seed, batch_size=batch_size))
         lrs.append(state["mean_lr"])
-    return less_scores(cand_feats, target_feats, lrs, aggregate)
+    return less_scores(cand_feats, target_feats, lrs, aggregate, groups)
+
+
+def _subtask_groups(aggregate: str, group_column: str | None, target_rows, n_targets: int) -> list | None:
+    """Each target's subtask label (aggregate "subtask"), checked before any training: a clear
+    error naming the field when the setting is wrong."""
+    from selection.less import AGGREGATES
+
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate: expected one of {', '.join(AGGREGATES)}, found {aggregate!r}")
+    if aggregate != "subtask":
+        if group_column is not None:
+            raise ValueError(f"group_column: only used with aggregate: subtask (aggregate is {aggregate!r})")
+        return None
+    if group_column is None:
+        raise ValueError("group_column: aggregate: subtask needs group_column, the target table's column that "
+                         "names each target example's subtask")
+    columns = list(target_rows.columns) if target_rows is not None else []
+    if group_column not in columns:
+        raise ValueError(f"group_column: the target table has no column {group_column!r} "
+                         f"(columns: {', '.join(columns) or 'none'})")
+    labels = target_rows[group_column].to_list()
+    if len(labels) != n_targets:
+        raise ValueError(f"group_column: {len(labels)} values for {n_targets} targets")
+    missing = sum(label is None for label in labels)
+    if missing:
+        raise ValueError(f"group_column: {missing} target rows have no value in {group_column!r}")
+    for label in labels:
+        try:
+            hash(label)
+        except TypeError:
+            raise ValueError(f"group_column: {group_column!r} must hold one label per row (a string or number), "
+                             f"found a {type(label).__name__}") from None
+    return labels
 
 
 SHARD_MINIMUM = 64  # examples: a shard loads the model, it must have work enough to be worth it

@@ -72,7 +72,7 @@ class SelectStep(Step):
 
     kind = "select"
     Config = SelectConfig
-    version = "1"
+    version = "2"  # 2: LESS weighs checkpoints by the rates their epochs trained with
     side_tables = ("scores",)
 
     def input_tables(self):

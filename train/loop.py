@@ -168,6 +168,10 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
                 slots += batch["input_ids"].numel()
                 tokens += int((batch["seq_len"] > 0).sum())
             grad_norm = _clip(accelerator, model, cfg.max_grad_norm)
+            # The rate this step's update is taken with (read before the scheduler advances; HF's
+            # Trainer logs the next step's rate instead, so LESS's reference weights an epoch of one
+            # step with the rate after it, 0 for the last epoch of a linear schedule).
+            step_lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -183,7 +187,7 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
                 totals[key] += value
             done = step + 1
             row = {"step": done, "epoch": plan.epoch_of_step[step], "loss": loss_sum / max(step_loss_tokens, 1),
-                   "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                   "lr": step_lr, "grad_norm": grad_norm,
                    "useful_token_share": step_loss_tokens / max(slots, 1)}
             if done % cfg.log_every == 0 or done == total_steps:
                 elapsed = max(timer_seconds, 1e-9)
@@ -669,7 +673,9 @@ def _load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler) -> 
 
 def _save_epoch_state(folder: Path, accelerator, model, optimizer, history: list[dict], epoch: int) -> None:
     """Weights and Adam moments by parameter name at the end of an epoch, plus the epoch's mean
-    learning rate: what LESS needs to compute Adam-aware gradient features per checkpoint."""
+    learning rate (the mean over the epoch's optimizer steps of the rate each step was taken
+    with: history's "lr"): what LESS needs to compute Adam-aware gradient features per
+    checkpoint and to weight them."""
     import torch
 
     if not accelerator.is_main_process:

@@ -34,7 +34,7 @@ class TrainStep(Step):
     kind = "train"
     execution_only = EXECUTION_ONLY
     Config = TrainConfig
-    version = "1"
+    version = "2"  # 2: the logged lr is the rate each step trained with (read before the scheduler steps)
     produces_model = True
     side_tables = ("log", "rejected")
 
