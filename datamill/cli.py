@@ -68,6 +68,7 @@ def plan(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt) -> None:
     from rich.table import Table
 
     from datamill.api import plans
+    from datamill.overlap import contamination_warnings
     from datamill.plan import describe
 
     console = Console()
@@ -88,6 +89,8 @@ def plan(spec: Path = SpecArg, set_: Optional[List[str]] = SetOpt) -> None:
             if row["damaged"]:
                 console.print(f"damaged: {row['name']}: {row['damaged']} (the next run runs it again)",
                               markup=False, highlight=False)
+        for warning in contamination_warnings(p):
+            console.print(warning.message, style="yellow", markup=False, highlight=False)
     console.print(f"workspace: {p.workspace.root}")
 
 

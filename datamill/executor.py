@@ -51,12 +51,7 @@ class RunResult:
         """A table of one point (default: the last) as a Polars DataFrame."""
         import polars as pl
 
-        from datamill.spec import table_base
-
-        plan = self.points[point].plan
-        base = table_base(name)
-        side = name[len(base) + 2:] or "main"
-        return pl.read_parquet(self.workspace.table_path(plan.by_name(base).key, side))
+        return pl.read_parquet(self.points[point].plan.table_path(name))
 
     @property
     def tables(self) -> dict[str, Path]:
@@ -262,6 +257,7 @@ def _run_point(plan: Plan, tracker, experiment: str, parent: str | None, result:
     prefix = escape(f"[{resolved.label}] ") if together is not None else ""
     try:
         for ps in plan.steps:
+            _warn_of_contamination(plan, ps, tracker, run_id, prefix)
             with together.step(ps.key) if together is not None else nullcontext():
                 record = _run_step(plan, ps, tracker, run_id, together.work if together is not None else None,
                                    prefix)
@@ -274,6 +270,20 @@ def _run_point(plan: Plan, tracker, experiment: str, parent: str | None, result:
         raise
     tracker.end_run(run_id, "FINISHED")
     return point
+
+
+def _warn_of_contamination(plan: Plan, ps: PlannedStep, tracker, run_id: str, prefix: str) -> None:
+    """Before an evaluation: say which of its tasks the model's training data overlaps (with no
+    decontaminate step between them), and log each overlap's share on the run."""
+    if not ps.step.eval_tasks(plan.resolved.env):
+        return
+    from datamill.overlap import contamination_warnings
+
+    warnings = contamination_warnings(plan, only=ps.name)
+    for warning in warnings:
+        progress.warn(f"  {f'[{plan.resolved.label}] ' if prefix else ''}{warning.message}")
+    if warnings:
+        tracker.log_metrics(run_id, {f"contamination.{w.evaluate}.{w.table}.{w.task}": w.share for w in warnings})
 
 
 def _run_step(plan: Plan, ps: PlannedStep, tracker, run_id: str, work_lock=None, prefix: str = "") -> StepRecord:
@@ -295,6 +305,7 @@ def _run_step(plan: Plan, ps: PlannedStep, tracker, run_id: str, work_lock=None,
         name=ps.name, kind=ps.kind, key=ps.key, out_dir=tmp, state_dir=ws.state_dir(ps.key),
         shared_dir=ws.root / "shared",
         env=plan.resolved.env, input_paths=_input_paths(plan, ps), model_paths=_model_paths(plan, ps),
+        training_data=_training_data(plan, ps),
         tracker_log=lambda metrics, step=None: tracker.log_metrics(run_id, metrics, step),
         tracker_table=lambda name, columns: tracker.log_table(run_id, name, columns),
         tracker_artifact=lambda path, artifact_path=None: tracker.log_artifact(run_id, path, artifact_path),
@@ -376,6 +387,13 @@ def _input_paths(plan: Plan, ps: PlannedStep) -> dict[str, Path]:
             raise StepFailed(ps.name, ps.kind, DatamillError(f"input table '{table}' does not exist"))
         paths[table] = path
     return paths
+
+
+def _training_data(plan: Plan, ps: PlannedStep) -> dict[str, list[Path]]:
+    from datamill.overlap import training_tables
+
+    return {ref: [plan.table_path(t) for t in training_tables(plan, ref)] for ref in ps.models
+            if training_tables(plan, ref)}
 
 
 def _model_paths(plan: Plan, ps: PlannedStep) -> dict:

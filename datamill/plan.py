@@ -41,6 +41,11 @@ class Plan:
     def by_name(self, name: str) -> PlannedStep:
         return next(s for s in self.steps if s.name == name)
 
+    def table_path(self, table: str) -> Path:
+        """Where a table of the plan ("pick", "deduped__removed") is, once its step has run."""
+        base = table_base(table)
+        return self.workspace.table_path(self.by_name(base).key, table[len(base) + 2:] or "main")
+
 
 def build_plan(resolved: ResolvedSpec) -> Plan:
     from datamill import models as model_refs

@@ -31,6 +31,14 @@ def console():
     return Console(stderr=True, quiet=_quiet, highlight=False, soft_wrap=True)
 
 
+def warn(message: str) -> None:
+    """A warning on stderr, shown under `--quiet` too (quiet silences progress, not problems)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[yellow]{escape(message)}[/yellow]")
+
+
 class _PlainBar:
     """Progress as occasional log lines, for non-interactive output."""
 

@@ -97,6 +97,11 @@ class Step:
         that define it beyond the shipped ones: {"datamill_capitals_exact": ()}."""
         return {}
 
+    def cleans_against(self, env: Env) -> set[str]:
+        """The eval tasks this step's output is clean of (a `decontaminate` step's tasks): the
+        contamination warning stops looking upstream of it."""
+        return set()
+
     def check(self, env: Env) -> None:
         """Extra validation beyond the pydantic model; raise `FieldError(field, message)`."""
 
@@ -149,6 +154,8 @@ class StepContext:
     tracker_log: Any = None  # callable(metrics: dict, step: int | None)
     tracker_table: Any = None  # callable(name: str, columns: dict[str, list])
     tracker_artifact: Any = None  # callable(path: Path, artifact_path: str | None)
+    training_data: dict[str, list[Path]] = field(default_factory=dict)  # model reference -> parquet files it
+    # was trained on (known from the plan: the inputs of the steps that made it), for its evaluation
     stats: dict = field(default_factory=dict)  # counts etc.; saved in meta.json and logged
     shards: Any = None  # datamill.shards runner of the spec's executor (LocalShards when None)
 

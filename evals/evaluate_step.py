@@ -5,11 +5,15 @@ Outputs:
     tables/main     one row per example and metric: id (the task row's or corpus row's id), task,
                     doc_id, metric, score, correct, target, output, generation / loglikelihoods,
                     prompt. Self-supervised rows: task `byod_<metric>`, target = the original
-                    text, output = the perturbed one.
+                    text, output = the perturbed one. A model trained by a step of the spec:
+                    `contaminated`, whether the example's prompt overlaps a row it was trained on
+                    (decontaminate's rule; the training tables are known from the plan).
     results.json    lm-eval's full results (configs, versions, metrics with stderr)
 
-Stats (and so MLflow metrics `<step>.tasks.<task>.<metric>`): every task's metrics and their
-stderr; `lm_eval_command.<task>`: the `lm_eval` command line that gives the same numbers (also
+Stats (and so MLflow metrics `<step>.tasks.<task>.<metric>`): every task's metrics, their stderr
+and their 95% bootstrap interval (`<metric>_ci_low`, `<metric>_ci_high`); for a trained model,
+`contaminated.<task>` (examples that overlap its training data) and `clean.<task>.<metric>` (the
+metrics on the other examples, next to the full set's); `lm_eval_command.<task>`: the `lm_eval` command line that gives the same numbers (also
 the MLflow tag `step.<step>.lm_eval_command.<task>`). Tasks come from evals/tasks/ (shipped,
 offline), your `include_path` folders, and with `lm_eval_defaults: true` lm-eval's built-in tasks
 (their data comes from the hub).
@@ -84,7 +88,7 @@ class EvaluateStep(Step):
     kind = "evaluate"
     execution_only = ("device",)
     Config = EvaluateConfig
-    version = "2"  # 2: each task of `tasks` runs alone (see run)
+    version = "3"  # 2: each task of `tasks` runs alone (see run); 3: intervals, `contaminated`, clean subset
 
     def model_refs(self):
         return [(("model",), self.config.model)]
@@ -147,6 +151,10 @@ class EvaluateStep(Step):
                 out[task] = metrics["score"]
             else:
                 out.update({f"{task}.{m}": v for m, v in metrics.items() if not m.endswith(_NOT_METRICS)})
+        for task, metrics in stats.get("clean", {}).items():  # next to the full set, where they differ
+            if stats.get("contaminated", {}).get(task):
+                out.update({f"clean.{task}.{m}": v for m, v in metrics.items()
+                            if m != "examples" and not m.endswith(_NOT_METRICS)})
         return out
 
     def comparison_examples(self, out_dir: Path) -> dict:
@@ -157,8 +165,12 @@ class EvaluateStep(Step):
         path = Path(out_dir) / "tables" / "main.parquet"
         if not path.is_file():
             return {}
-        table = pl.read_parquet(path, columns=["task", "doc_id", "metric", "score"])
-        return {column: scores for column, scores in _example_scores(table).items()}
+        table = pl.read_parquet(path)
+        scores = _example_scores(table)
+        if "contaminated" in table.columns:
+            clean = table.filter(pl.col("contaminated") == False)  # noqa: E712 (null: not a question)
+            scores.update({f"clean.{column}": s for column, s in _example_scores(clean).items()})
+        return scores
 
     def run(self, ctx) -> None:
         import polars as pl
@@ -197,6 +209,9 @@ class EvaluateStep(Step):
                   "correct": pl.Boolean, "target": pl.String, "output": pl.String, "generation": pl.String,
                   "loglikelihoods": pl.List(pl.Float64), "prompt": pl.String}
         table = pl.DataFrame(samples, schema=schema)
+        trained_on = ctx.training_data.get(cfg.model, [])
+        if cfg.tasks and trained_on:
+            table = self._mark_contaminated(ctx, table, trained_on)
         if cfg.training_data:
             table = self._with_training_neighbours(ctx, table)
         ctx.write(table)
@@ -205,12 +220,33 @@ class EvaluateStep(Step):
             path.write_text(json.dumps(results, indent=2))
             ctx.log_artifact(path)
         _add_intervals(metrics, table)
+        if "contaminated" in table.columns:
+            ctx.stats["contaminated"], ctx.stats["clean"] = _clean_subset(table)
         ctx.stats.update({"tasks": metrics, "examples": table.select("id", "task").unique().height,
                           "apply_chat_template": chat})
         if commands:
             ctx.stats["lm_eval_command"] = commands
         ctx.stats.update(ctx.shards.summary())
         ctx.log_sample(table.drop("prompt", "loglikelihoods"), name="samples")
+
+    def _mark_contaminated(self, ctx, table, trained_on: list[Path]):
+        """A `contaminated` column: whether the example's prompt (as lm-eval renders the doc)
+        overlaps a row the model was trained on, by decontaminate's rule (Tulu 3's 8-grams).
+        Self-supervised rows stay null: their text is a corpus, not a question."""
+        import polars as pl
+
+        from datamill.overlap import prompt_texts
+        from evals.contamination import contaminated_examples, eval_instances, template_frames
+
+        train_texts = [text for path in trained_on for text in prompt_texts(pl.read_parquet(path))]
+        folders = self._include_paths(ctx.env.base_dir)
+        instances = eval_instances(self.config.tasks, folders)
+        frames = template_frames(self.config.tasks, folders)  # "Question: ... Answer:" is not the question
+        flags = {task: contaminated_examples(texts, train_texts, frame=frames.get(task, ("", "")))
+                 for task, texts in instances.items()}
+        marks = [flags[task][doc] if task in flags and 0 <= doc < len(flags[task]) else None
+                 for task, doc in zip(table["task"].to_list(), table["doc_id"].to_list())]
+        return table.with_columns(pl.Series("contaminated", marks, dtype=pl.Boolean))
 
     def _corpus(self, ctx) -> dict:
         """The self-supervised metrics' texts and their ids: the `corpus` table or python-docs."""
@@ -311,7 +347,6 @@ def _example_scores(table) -> dict:
     from datamill.comparison import ExampleScores
     from evals import byod
 
-    aggregation = getattr(byod, "AGGREGATION", {"word_order": "median"})
     out = {}
     for (task, metric), rows in table.group_by(["task", "metric"], maintain_order=True):
         doc_ids = rows["doc_id"].to_list()
@@ -320,9 +355,28 @@ def _example_scores(table) -> dict:
         for doc in doc_ids:  # BYOD may draw several examples from one text: the n-th of doc d is "d#n"
             seen[doc] = seen.get(doc, -1) + 1
             keys.append(f"{doc}#{seen[doc]}")
-        statistic = aggregation.get(task.removeprefix("byod_"), "mean") if task.startswith("byod_") else "mean"
+        statistic = byod.AGGREGATION[task.removeprefix("byod_")] if task.startswith("byod_") else "mean"
         out[_column(task, metric)] = ExampleScores(keys, np.asarray(rows["score"].to_list(), dtype=float), statistic)
     return out
+
+
+def _clean_subset(table) -> tuple[dict, dict]:
+    """({task: examples contaminated}, {task: {metric: value on the clean examples, its interval,
+    "examples": how many}}) of a table with a `contaminated` column."""
+    import polars as pl
+
+    from datamill import stats
+
+    marked = table.filter(pl.col("contaminated").is_not_null())
+    counts = {task: int(rows.select("doc_id", "contaminated").unique().get_column("contaminated").sum())
+              for (task,), rows in marked.group_by(["task"], maintain_order=True)}
+    clean: dict[str, dict] = {}
+    for (task, metric), rows in marked.filter(~pl.col("contaminated")).group_by(["task", "metric"], maintain_order=True):
+        scores = rows["score"].to_numpy()
+        low, high = stats.interval(scores)
+        clean.setdefault(task, {"examples": rows.height}).update(
+            {metric: float(scores.mean()), f"{metric}_ci_low": low, f"{metric}_ci_high": high})
+    return counts, clean
 
 
 def _add_intervals(metrics: dict, table) -> None:
