@@ -138,7 +138,7 @@ def _print_comparison(console, result) -> None:
     # every point labelled "method=...,": the column is "method" and the cells its values
     labels = [label for label in compared.rows if label not in compared.references]
     first = {label.split("=", 1)[0] for label in labels}
-    key = first.pop() if len(first) == 1 and all("=" in label and "," not in label for label in labels) else None
+    key = first.pop() if len(first) == 1 and all("=" in label for label in labels) else None
     table = Table(title=f"{len(result.points)} sweep points", title_justify="left",
                   caption="\n".join(_comparison_notes(compared)) or None, caption_justify="left")
     table.add_column(key or "point", no_wrap=True)

@@ -118,6 +118,23 @@ class SelectStep(Step):
         """The share of the selection from the target's family, when the rows carry families."""
         return {"target_family_precision": stats["target_family_precision"]} if "target_family_precision" in stats else {}
 
+    def comparison_examples(self, out_dir: Path) -> dict:
+        """The target-family precision per selected row (1: of the target's family), for its interval."""
+        import json
+
+        import numpy as np
+        import polars as pl
+
+        from datamill.comparison import ExampleScores
+
+        meta, scores = Path(out_dir) / "meta.json", Path(out_dir) / "tables" / "scores.parquet"
+        family = json.loads(meta.read_text())["stats"].get("target_family") if meta.is_file() else None
+        if family is None or not scores.is_file():
+            return {}
+        picked = pl.read_parquet(scores, columns=["id", "selected", "family"]).filter(pl.col("selected"))
+        return {"target_family_precision": ExampleScores(
+            [str(i) for i in picked["id"]], np.asarray((picked["family"] == family).to_list(), dtype=float))}
+
     def run(self, ctx) -> None:
         import numpy as np
         import polars as pl

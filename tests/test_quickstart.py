@@ -176,7 +176,9 @@ def test_reduced_quickstart_end_to_end(reference):
     by_method = labels_by_method(spec, overrides)
     # every label starts "method=": the table's first column is "method", its cells the rest
     shown = [label.removeprefix("method=") for label in by_method.values()]
-    assert labelled[-len(METHODS) - 1:] == [*shown, "base*"], table
+    assert labelled[-len(METHODS) - 1:] == [*shown, "base"], table  # "base (ref)": the same in every point
+    assert any("(ref)" in line for line in table) and any("±" in line for line in table), table
+    assert any(line.startswith("paired tests against base") for line in table), table
     assert any("exact_match" in line for line in table), table  # the eval metrics are its columns (short names)
 
     # --- MLflow: a sweep parent, a child per method, all finished
@@ -289,7 +291,7 @@ def test_sigkill_at_three_points_then_rerun_equals_an_uninterrupted_run(referenc
     from mlflow import MlflowClient
 
     import datamill
-    from datamill.executor import comparison
+    from datamill.comparison import comparison
 
     rng = random.Random(20240607)
     overrides = reference["overrides"]  # same server, so the same keys as the reference

@@ -77,8 +77,15 @@ def test_target_aware_methods_find_the_target_family(write_spec, family, method,
 
 @pytest.mark.parametrize("family", ["arithmetic", "capitals", "code"])
 def test_random_stays_near_the_base_rate(write_spec, family):
+    from datamill.comparison import comparison
+
     result = run(make_testbed(write_spec, family, "random"))
     assert result.points[-1].steps["pick"].stats["target_family_precision"] < 0.3  # base rate 0.1
+    # the precision is a share of the picked rows: its interval is a bootstrap over them
+    compared = comparison(result)
+    j = compared.columns.index("pick.target_family_precision")
+    low, high = compared.intervals[0][j]
+    assert low <= compared.values[0][j] <= high and high - low > 0.05
 
 
 def test_scores_table_is_every_selection_decision(write_spec):
