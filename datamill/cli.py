@@ -156,12 +156,15 @@ def _print_comparison(console, result) -> None:
     _print_tests(console, compared)
 
 
+INTERVAL_NOTE = "half-width of the 95% interval (a bootstrap over examples; 1.96 x stderr where a step reports only that)"
+
+
 def _comparison_notes(compared) -> list[str]:
     notes = []
     if compared.references:
         notes.append("(ref): the same in every point")
     if compared.has_intervals():
-        notes.append("± half-width of the 95% interval (bootstrap over examples; exact bounds in MLflow)")
+        notes.append(f"± {INTERVAL_NOTE}; exact bounds in MLflow")
     if compared.seeds:
         notes.append("seeds: mean over training seeds, interval over seeds and examples")
     if compared.has_tests():
@@ -220,8 +223,7 @@ def _print_results(console, result) -> None:
     if not rows:
         return
     table = Table(title="results", title_justify="left",
-                  caption="± half-width of the 95% interval (bootstrap over examples)" if compared.has_intervals()
-                  else None, caption_justify="left")
+                  caption=f"± {INTERVAL_NOTE}" if compared.has_intervals() else None, caption_justify="left")
     table.add_column("step", no_wrap=True)
     table.add_column("metric", overflow="fold")
     table.add_column("value", justify="right")

@@ -273,7 +273,7 @@ def log_comparison(result, tracker, parent: str) -> None:
     heatmap(folder / "comparison.png", table.rows, table.columns, table.values, title=f"{points} sweep points")
     notes = [f"grey: {', '.join(sorted(table.references))}"] if table.references else []
     if table.baseline:
-        notes.append(f"* p < 0.05 vs {table.baseline}, paired, Holm-adjusted")
+        notes.append(f"* / ** p < 0.05 / 0.01 vs {table.baseline}, paired, Holm-adjusted")
     marks = [[table.mark(i, j) for j in range(len(table.columns))] for i in range(len(table.rows))]
     bars(folder / "comparison_bars.png", table.rows, table.columns, table.values, intervals=table.intervals,
          marks=marks, muted=table.references,

@@ -283,4 +283,5 @@ def test_results_carry_their_95_percent_interval_where_a_stderr_is_known(write_s
     assert code == 0, err
     assert re.search(r"score\s*│\s*demo_task\.acc\s*│\s*0\.6±0\.078", err)  # 1.96 x 0.04
     assert re.search(r"plain\s*│\s*demo_task\.acc\s*│\s*0\.5\s*│", err)  # no stderr: the value alone
-    assert "± half-width of the 95% interval (1.96 x stderr)" in err
+    assert "± half-width of the 95% interval (a bootstrap over examples; 1.96 x stderr where a step reports only " \
+           "that)" in err
