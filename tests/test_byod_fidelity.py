@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-tokenizers = pytest.importorskip("tokenizers")
+import torch  # noqa: E402
+import tokenizers  # noqa: E402
 
 from evals import byod  # noqa: E402
 

@@ -503,7 +503,7 @@ def test_smollm2_writes_parseable_examples(tmp_path, model_cache, monkeypatch):
     assert all(m["content"].strip() for msgs in rows["messages"].to_list() for m in msgs)
 
 
-def test_validate_and_plan_import_nothing_heavy(spec_dir):
+def test_planning_a_generate_spec_imports_no_model_or_http_library(spec_dir):
     path = write(spec_dir, 4)
     code = ("import sys; from datamill.api import plans; from datamill.plan import describe\n"
             f"[describe(p) for p in plans({str(path)!r})]\n"

@@ -36,7 +36,7 @@ def test_only_tracking_imports_mlflow():
         assert "mlflow" not in imported_modules(py), f"{py.relative_to(ROOT)} imports mlflow"
 
 
-def test_validate_and_plan_import_nothing_heavy(write_spec):
+def test_validating_and_planning_the_examples_imports_nothing_heavy(write_spec):
     # the quickstart has every heavy kind (generate, select, train, evaluate) and a sweep; the
     # cleaning tour has polars (user code) and dedup
     spec = write_spec((ROOT / "examples" / "quickstart.yaml").read_text())

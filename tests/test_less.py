@@ -10,7 +10,7 @@ import pytest
 
 from datamill.shards import LocalShards
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +198,7 @@ def test_less_features_in_shards_are_bit_identical_to_one_pass(tiny, tmp_path, m
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # SmolLM2's gradients for every candidate: ~2.5 min here
 def test_less_with_a_real_model_finds_families_a_random_model_cannot(write_spec, tmp_path_factory, monkeypatch):
     """SmolLM2-135M-Instruct (offline): one pool of the seven task families (30 rows each, base
     rate 0.14) and three target families that tiny-llama's random gradients confuse, at LESS's

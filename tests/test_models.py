@@ -120,15 +120,30 @@ def test_model_identity_other_kinds(tmp_path):
         models.model_identity("./missing", tmp_path)
 
 
-def test_model_identity_is_stat_only(tmp_path):
+def test_model_identity_is_stat_only(tmp_path, monkeypatch):
+    import builtins
+    import io
+
     folder = _model_folder(tmp_path / "big")
     with open(folder / "model.safetensors", "wb") as f:
         f.truncate(500 * 1024 * 1024)  # sparse: 500 MB on paper, no disk used
     for i in range(50):
         (folder / f"extra-{i}.json").write_text("{}")
-    start = time.perf_counter()
-    models.model_identity("./big", tmp_path)
-    assert time.perf_counter() - start < 0.5  # ~1 ms in practice; hashing 500 MB would take seconds
+    opened = []  # files opened while the identity is computed: weights must not be read (hashed)
+    real_open, real_io_open = builtins.open, io.open
+
+    def counting(real):
+        def open_(file, *args, **kwargs):
+            opened.append(str(file))
+            return real(file, *args, **kwargs)
+        return open_
+
+    monkeypatch.setattr(builtins, "open", counting(real_open))
+    monkeypatch.setattr(io, "open", counting(real_io_open))
+    identity = models.model_identity("./big", tmp_path)
+    assert not [f for f in opened if f.endswith(".safetensors")], opened
+    (folder / "model.safetensors").touch()  # a new mtime is a new identity: the stat is what counts
+    assert models.model_identity("./big", tmp_path) != identity
 
 
 def test_hub_offline_gives_a_clear_error(tmp_path):
@@ -215,12 +230,13 @@ def test_tiny_llama_loads_and_generates(tiny, cache_dir):
     assert isinstance(text, str)  # random weights: any text, but generation runs end to end
 
 
-def test_second_resolve_is_a_cache_hit(tiny, cache_dir):
+def test_second_resolve_is_a_cache_hit(tiny, cache_dir, monkeypatch):
     marker = tiny / models.MARKER
     before = (marker.stat().st_mtime_ns, sorted(os.listdir(tiny)))
-    start = time.perf_counter()
+    builds = []  # a cache hit builds nothing
+    monkeypatch.setattr(models, "_build_tiny_llama", lambda *a: builds.append(a))
     again = models.resolve_model("builtin:tiny-llama", base_dir=Path("."), cache_dir=cache_dir)
-    assert time.perf_counter() - start < 0.5
+    assert builds == []
     assert again == tiny
     assert (marker.stat().st_mtime_ns, sorted(os.listdir(tiny))) == before
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-mlflow = pytest.importorskip("mlflow")
+import mlflow  # noqa: E402
 
 from datamill import secrets  # noqa: E402
 from datamill.tracker import StepRecord, TableRecord  # noqa: E402

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-mlflow = pytest.importorskip("mlflow")
+import mlflow  # noqa: E402
 
 import datamill  # noqa: E402
 

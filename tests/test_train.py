@@ -14,7 +14,7 @@ import pytest
 
 from datamill.errors import SpecError, StepFailed
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -586,6 +586,17 @@ def test_launch_runs_the_step_in_two_processes_with_the_weights_of_one(write_spe
     client = MlflowClient(tracking_uri=launched.tracking_location)
     assert len(client.get_metric_history(launched.run_id, "sft.loss")) == 3
     assert (record.model_dir.parent / "loss_curve.png").is_file()
+
+
+def test_a_launch_past_its_timeout_is_stopped_and_the_timeout_is_not_in_the_key(write_spec, cached_models):
+    spec = train_spec(write_spec, "      launch: {num_processes: 2, timeout_s: 1}\n", n=10)
+    with pytest.raises(StepFailed, match=r"did not finish within launch\.timeout_s = 1 s"):
+        run(spec)  # starting two processes alone takes longer than a second
+    from datamill.api import plans
+
+    timed = plans(spec)[0].by_name("sft").key
+    untimed = train_spec(write_spec, "      launch: {num_processes: 2}\n", n=10)  # the same file, rewritten
+    assert plans(untimed)[0].by_name("sft").key == timed
 
 
 def test_launch_errors_name_the_field_or_show_the_processes_output(write_spec, cached_models):

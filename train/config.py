@@ -65,6 +65,10 @@ class LaunchConfig(StepConfig):
     """An Accelerate config file (relative to the spec) for FSDP or DeepSpeed; absent: DDP.
     Its `num_processes` and `mixed_precision` are overridden by ours and by `precision`.
     An error on a Ray executor (Ray Train runs DDP)."""
+    timeout_s: Optional[float] = Field(None, gt=0)
+    """Stop the processes after this many seconds and fail the step (a hung rendezvous fails
+    instead of waiting forever; a rerun resumes from the last checkpoint). Default: no limit.
+    How the work runs, not what it makes: not in the cache key."""
 
 
 class TrainConfig(StepConfig):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -58,16 +59,22 @@ def accelerate_command(job_path: Path, num_processes: int, mixed_precision: str,
 
 
 def launch_local(job_path: Path, *, num_processes: int, mixed_precision: str, device: str,
-                 config_file: Path | None, log_path: Path) -> None:
-    """`accelerate launch` the job; its output is echoed to stderr and saved in `log_path`."""
+                 config_file: Path | None, log_path: Path, timeout_s: float | None = None) -> None:
+    """`accelerate launch` the job; its output is echoed to stderr and saved in `log_path`. After
+    `timeout_s` seconds (None: never) the processes are killed and the launch fails."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if _cpu_only(device):
         env["ACCELERATE_USE_CPU"] = "1"  # processes on the CPU (gloo), as a machine without GPUs needs
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
     cmd = accelerate_command(job_path, num_processes, mixed_precision, config_file)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    with open(log_path, "w") as log, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                                      stderr=subprocess.STDOUT, text=True) as proc:
+    with open(log_path, "w") as log, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True, start_new_session=True) as proc:
+        # past the limit, the launcher's whole session goes: its training processes with it
+        timed_out = threading.Event()
+        watchdog = threading.Timer(timeout_s, lambda: (timed_out.set(), _kill_group(proc))) if timeout_s else None
+        if watchdog:
+            watchdog.start()
         try:
             for line in proc.stdout:
                 log.write(line)
@@ -75,12 +82,27 @@ def launch_local(job_path: Path, *, num_processes: int, mixed_precision: str, de
                 if not _noise(line):
                     print(line, end="", file=sys.stderr)
         except BaseException:  # Ctrl-C: stop the processes too (a rerun resumes from the checkpoint)
-            proc.kill()
+            _kill_group(proc)
             raise
+        finally:
+            if watchdog:
+                watchdog.cancel()
+    if timed_out.is_set():
+        raise DatamillError(f"`accelerate launch` of {num_processes} training processes did not finish within "
+                            f"launch.timeout_s = {timeout_s:g} s and was stopped (a rerun resumes from the last "
+                            f"checkpoint); the end of its output ({log_path} has all of it):\n" + "\n".join(tail))
     if proc.returncode != 0:
         raise DatamillError(f"`accelerate launch` of {num_processes} training processes failed (exit code "
                             f"{proc.returncode}); the end of its output ({log_path} has all of it):\n"
                             + "\n".join(tail))
+
+
+def _kill_group(proc) -> None:
+    """SIGKILL a process started with start_new_session and everything it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _noise(line: str) -> bool:

@@ -38,6 +38,12 @@ class TrainStep(Step):
     produces_model = True
     side_tables = ("log", "rejected")
 
+    def key_config(self) -> dict:
+        config = super().key_config()
+        if config.get("launch"):
+            config["launch"].pop("timeout_s", None)
+        return config
+
     def input_tables(self):
         cfg = self.config
         tables = [(("data",) if isinstance(cfg.data, str) else ("data", t), t) for t in cfg.tables()]
@@ -141,7 +147,8 @@ class TrainStep(Step):
         else:
             config_file = self._config_file(ctx.env.base_dir)
             launch_local(job_path, num_processes=cfg.launch.num_processes, mixed_precision=_mixed_precision(cfg),
-                         device=cfg.device, config_file=config_file, log_path=job_path.parent / "launch.log")
+                         device=cfg.device, config_file=config_file, log_path=job_path.parent / "launch.log",
+                         timeout_s=cfg.launch.timeout_s)
             ctx.stats["launcher"] = "accelerate"
 
     def _config_file(self, base_dir: Path) -> Path | None:
