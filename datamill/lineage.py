@@ -8,8 +8,9 @@ A row keeps its `id` from the step that made it to the last one that reads it, s
 the rows with that id in each step's tables: the generator prompt, index, topic, model and
 request (`generate`), each selector's score, rank and decision (`<select>__scores`), the
 training split a model saw it in (`train`), an eval example's per-metric results (`evaluate`),
-and, for a training row, the eval examples whose nearest training row it is (`nearest_train_id`).
-Only steps already run (cached in the workspace) are read; nothing is computed.
+and the rows that point at it through the columns a step declares as row references
+(`Step.row_reference_columns`, e.g. evaluate's nearest training row). Only steps already run
+(cached in the workspace) are read; nothing is computed.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ MAX_TEXT = 120  # characters of a text cell shown
 
 
 def lineage(spec, row_id: str, overrides: list[str] | None = None, point: str | None = None) -> list[dict]:
-    """Each table row that is `row_id` (or points at it as `nearest_train_id`), as
-    {point, step, kind, table, match: "id" | "nearest_train_id", row: {column: value}}. Steps
+    """Each table row that is `row_id` (or points at it through a column a step declares as a row
+    reference), as {point, step, kind, table, match: "id" or that column, row: {column: value}}. Steps
     shared by sweep points (same key) are listed once, with point "" (all points). `point` (a
     label or KEY=VALUE pairs, see plan.choose_point) keeps to one sweep point."""
     import duckdb
@@ -32,6 +33,8 @@ def lineage(spec, row_id: str, overrides: list[str] | None = None, point: str | 
 
     all_plans = plans(spec, overrides)
     keys_per_point = [{s.key for s in p.steps} for p in all_plans]
+    # every table is searched for every declared column: a table made from one (an sql step) keeps it
+    references = list(dict.fromkeys(c for p in all_plans for s in p.steps for c in s.step.row_reference_columns))
     seen, hits = set(), []
     with duckdb.connect() as con:
         for plan in [choose_point(all_plans, point)] if point else all_plans:
@@ -45,7 +48,7 @@ def lineage(spec, row_id: str, overrides: list[str] | None = None, point: str | 
                 for path in tables:
                     table = planned.name if path.stem == "main" else f"{planned.name}__{path.stem}"
                     names = {r[0] for r in con.execute("SELECT name FROM parquet_schema(?)", [str(path)]).fetchall()}
-                    for column in ("id", "nearest_train_id"):
+                    for column in ("id", *references):
                         for row in (_rows(con, path, column, row_id) if column in names else []):
                             hits.append({"point": point, "step": planned.name, "kind": planned.kind,
                                          "table": table, "match": column, "row": row})

@@ -78,6 +78,8 @@ class Step:
     produces_model: ClassVar[bool] = False  # its output folder holds an HF model under model/
     side_tables: ClassVar[tuple[str, ...]] = ()  # tables besides the main one, read as `<step>__<side>`
     source_generator: ClassVar[bool] = False  # makes a table from nothing: usable as `sources: {x: {generator: kind}}`
+    # columns of this step's tables that hold another table's row id: lineage follows them
+    row_reference_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str, config: StepConfig):
         self.name = name

@@ -2,7 +2,8 @@
 point where the target examples' gradients point.
 
 1. Warm up LoRA on a random slice of the pool (default 5%, 4 epochs), keeping each epoch's
-   adapter weights and Adam moments: the train stage's `fine_tune`, through the core registry.
+   adapter weights and Adam moments: the train stage's `fine_tune`, through the core registry
+   (each epoch's state read back with its `load_epoch_state`).
 2. Per checkpoint c: each candidate's gradient g of its mean next-token loss on assistant tokens,
    turned into Adam's update direction with that checkpoint's moments (as LESS's
    `obtain_gradients_with_adam`: m' = b1 m + (1 - b1) g, v' = b2 v + (1 - b2) g^2,
@@ -290,6 +291,7 @@ def load_checkpoint_model(base_dir: Path, lora: dict, state_path: Path):
     from transformers import AutoModelForCausalLM
 
     from datamill.progress import no_hf_loading_bars
+    from datamill.registry import function
 
     with no_hf_loading_bars():
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -298,7 +300,7 @@ def load_checkpoint_model(base_dir: Path, lora: dict, state_path: Path):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
         model = get_peft_model(model, config)
-    state = torch.load(state_path / "state.pt", map_location="cpu", weights_only=False)
+    state = function("load_epoch_state")(state_path)  # the trainer owns the file's format
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["weights"].items():

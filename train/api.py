@@ -5,12 +5,15 @@ gradients on exactly the tokens and loss mask that training uses with `encode_ex
     from datamill.registry import function
     result = function("fine_tune")(model_dir, conversations, out_dir, lora={"r": 8}, epochs=4,
                                    epoch_checkpoints=True)
-    result["epoch_states"]   # [{"epoch": 1, "mean_lr": ..., "path": ".../epochs/epoch-1"}, ...]
+    result["epoch_states"]   # [{"epoch": 1, "mean_lr": ..., "step": ..., "path": ".../epochs/epoch-1"}, ...]
+    function("load_epoch_state")(result["epoch_states"][0]["path"])   # {"weights": ..., "moments": ...}
+
+The signatures and dicts are declared in datamill/contracts.py; the epoch states' files are
+written and read in train/loop.py.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -35,7 +38,7 @@ def fine_tune(model_dir, conversations: list, out_dir, *, state_dir=None, log=No
     summary plus `model_dir` and, with epoch_checkpoints, `epoch_states`."""
     import polars as pl
 
-    from train.loop import TrainJob, train
+    from train.loop import TrainJob, epoch_states, train
 
     cfg = TrainConfig(model=str(model_dir), data="conversations", **settings)
     out_dir = Path(out_dir)
@@ -53,6 +56,5 @@ def fine_tune(model_dir, conversations: list, out_dir, *, state_dir=None, log=No
     summary = train(TrainJob(config=cfg.model_dump(mode="json"), model_dir=str(model_dir), examples=str(tokens),
                              out_dir=str(out_dir), state_dir=str(state)), log=log)
     summary["model_dir"] = str(out_dir / "model")
-    epochs = sorted((out_dir / "epochs").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
-    summary["epoch_states"] = [{**json.loads((p / "epoch.json").read_text()), "path": str(p)} for p in epochs]
+    summary["epoch_states"] = epoch_states(out_dir)
     return summary

@@ -671,6 +671,13 @@ def _load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler) -> 
     return int(state["step"]), list(state["history"])
 
 
+# An epoch's state, `<state_dir>/epochs/epoch-N/` (copied to `<out_dir>/epochs/`): written by
+# `_save_epoch_state`, read only through `epoch_states` and `load_epoch_state` below, which other
+# stages reach by name (contract: datamill.contracts.EpochState, LoadEpochState).
+EPOCH_TENSORS_FILE = "state.pt"  # {"weights": {name: tensor}, "moments": {name: {"exp_avg", "exp_avg_sq"}}}
+EPOCH_INFO_FILE = "epoch.json"  # {"epoch": N (1-based), "mean_lr": ..., "step": optimizer steps done}
+
+
 def _save_epoch_state(folder: Path, accelerator, model, optimizer, history: list[dict], epoch: int) -> None:
     """Weights and Adam moments by parameter name at the end of an epoch, plus the epoch's mean
     learning rate (the mean over the epoch's optimizer steps of the rate each step was taken
@@ -693,11 +700,27 @@ def _save_epoch_state(folder: Path, accelerator, model, optimizer, history: list
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save({"weights": _trainable_state(accelerator, model), "moments": moments}, tmp / "state.pt")
-    (tmp / "epoch.json").write_text(json.dumps({"epoch": epoch + 1, "mean_lr": sum(lrs) / max(len(lrs), 1),
-                                                "step": history[-1]["step"] if history else 0}))
+    torch.save({"weights": _trainable_state(accelerator, model), "moments": moments}, tmp / EPOCH_TENSORS_FILE)
+    (tmp / EPOCH_INFO_FILE).write_text(json.dumps({"epoch": epoch + 1, "mean_lr": sum(lrs) / max(len(lrs), 1),
+                                                   "step": history[-1]["step"] if history else 0}))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+
+
+def epoch_states(out_dir: Path) -> list[dict]:
+    """The epoch states a run kept (epoch_checkpoints), in epoch order: each folder's epoch.json
+    and its path, what `fine_tune` returns as `epoch_states`."""
+    folders = sorted((Path(out_dir) / "epochs").glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
+    return [{**json.loads((p / EPOCH_INFO_FILE).read_text()), "path": str(p)} for p in folders]
+
+
+def load_epoch_state(folder) -> dict:
+    """The weights and Adam moments of an epoch state's folder (an `epoch_states` entry's path),
+    on the CPU. Offered to other stages as `datamill.registry.function("load_epoch_state")`:
+    LESS loads its warmup checkpoints with it."""
+    import torch
+
+    return torch.load(Path(folder) / EPOCH_TENSORS_FILE, map_location="cpu", weights_only=False)
 
 
 # --------------------------------------------------------------------------- inputs and outputs
