@@ -30,6 +30,7 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator
 
 from datagen import prompt_library
+from datagen.backends import BackendName, is_local
 from datagen.backends.base import BackendStats, GenRequest, GenResult
 from datamill.errors import DatamillError, FieldError
 from datamill.hashing import canonical_json, hash_obj
@@ -39,7 +40,6 @@ from datamill.step import Step, StepConfig
 SEED_STRIDE = 1_000_003  # seed_k = seed * SEED_STRIDE + k
 SAMPLE_ROWS = 50
 PROGRESS_POINTS = 20  # progress metrics (requests done, tokens/s) logged this many times per run
-LOCAL_BACKENDS = ("transformers", "vllm")
 LITERAL_KEY_ERROR = ("a literal api_key is not allowed in a spec: put the key in an environment variable "
                      "and name it with api_key_env")
 
@@ -78,9 +78,10 @@ class GenerateConfig(StepConfig):
     model: str
     """Model: a `models:` name or a model reference (transformers, vllm), or the model name the
     server knows (openai)."""
-    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    backend: BackendName = "transformers"
     """Where generation runs: `transformers` (local, CPU or GPU), `openai` (any OpenAI-compatible
-    server), `vllm` (vLLM's offline engine; needs `pip install vllm` and a GPU)."""
+    server), `vllm` (vLLM's offline engine; needs `pip install vllm` and a GPU), or a backend you
+    registered (datagen/backends)."""
     prompts: list[str] = Field(min_length=1)
     """Generator prompts: names from the library (academic, writing, task, math, multiple_choice,
     dialog, code, general: datagen/prompts/) or paths of your own YAML files, relative to the spec."""
@@ -157,7 +158,7 @@ def make_backend(cfg: GenerateConfig, model_dir: Path | None, step_name: str):
     from datagen.backends import backend_class
 
     cls = backend_class(cfg.backend)
-    if cfg.backend == "openai":
+    if not is_local(cfg.backend):
         return cls(cfg.openai, cfg.model)
     return cls(model_dir, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device,
                progress_desc=f"{step_name}: generate")
@@ -180,7 +181,7 @@ class GenerateStep(Step):
     side_tables = ("rejected",)
 
     def model_refs(self):
-        return [(("model",), self.config.model)] if self.config.backend in LOCAL_BACKENDS else []
+        return [(("model",), self.config.model)] if is_local(self.config.backend) else []
 
     def check(self, env) -> None:
         for i, entry in enumerate(self.config.prompts):
@@ -216,7 +217,7 @@ class GenerateStep(Step):
         cfg = self.config
         prompts = [prompt_library.load(entry, ctx.env.base_dir) for entry in cfg.prompts]
         model_dir = None
-        if cfg.backend in LOCAL_BACKENDS:
+        if is_local(cfg.backend):
             from datamill.models import model_identity
 
             model_dir = Path(ctx.model_path(cfg.model))

@@ -16,13 +16,21 @@ Tags inside fenced code blocks (```) are never tags: a program may well print "A
                                                                assistant = "<letter>) <option>" (+ explanation)
     dialog           User: / Assistant: turns, alternating, >= 2 -> [user, assistant, user, ...]
 
-`parse(name, text)` dispatches by parser name; `PARSERS` lists them.
+`parse(name, text)` dispatches by parser name through the registry `PARSERS`. Add your own with
+one decorator (or under the `datamill.parsers` entry-point group of an installed package), and
+prompt files may name it in `parser:`:
+
+    @PARSERS.register("tsv")
+    def parse_tsv(text: str) -> list[dict]: ...
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
+
+from datamill.registry import Registry
 
 
 class ParseError(ValueError):
@@ -32,6 +40,11 @@ class ParseError(ValueError):
         self.reason = reason
         self.kind = kind
         super().__init__(reason)
+
+
+PARSERS: Registry[Callable[[str], list[dict]]] = Registry(
+    "parser", group="datamill.parsers", check=callable, expects="a function of the model's text")
+ParserName = PARSERS.name_type()  # the `parser` field of a prompt file: a name, checked and listed in the schema
 
 
 # Markdown decorations small models put around tags: list bullets, headings, quotes, bold/italics.
@@ -140,6 +153,7 @@ def _last_pair(text: str, question_tag: re.Pattern = _QUESTION,
     raise ParseError("no 'Answer:' tag found after the question", "no_answer_tag")
 
 
+@PARSERS.register("qa")
 def parse_qa(text: str) -> list[dict]:
     """`Question: ... Answer: ...` -> [user, assistant]."""
     question, answer = _last_pair(text)
@@ -151,6 +165,7 @@ def parse_qa(text: str) -> list[dict]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
+@PARSERS.register("code")
 def parse_code(text: str) -> list[dict]:
     """Like qa, but the texts are kept verbatim (indentation, fences) and a code fence left open
     (the model ran out of tokens mid-program) is an error."""
@@ -166,6 +181,7 @@ def parse_code(text: str) -> list[dict]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
+@PARSERS.register("multiple_choice")
 def parse_multiple_choice(text: str) -> list[dict]:
     """Question + options A-D (E optional) + `Answer: <letter>` -> user = question and options,
     assistant = "<letter>) <option text>", followed by the model's explanation if it gave one."""
@@ -202,6 +218,7 @@ def parse_multiple_choice(text: str) -> list[dict]:
     return [{"role": "user", "content": f"{question}\n\n{listing}"}, {"role": "assistant", "content": reply}]
 
 
+@PARSERS.register("dialog")
 def parse_dialog(text: str) -> list[dict]:
     """`User:` / `Assistant:` turns from the first User tag on, alternating; at least one exchange.
     A last user turn with no reply (cut off) is dropped."""
@@ -230,16 +247,8 @@ def parse_dialog(text: str) -> list[dict]:
     return messages
 
 
-PARSERS = {
-    "qa": parse_qa,
-    "code": parse_code,
-    "multiple_choice": parse_multiple_choice,
-    "dialog": parse_dialog,
-}
-
-
 def parse(parser: str, text: str) -> list[dict]:
     """Messages from a model's text with the named parser; raises ParseError."""
     if not text or not text.strip():
         raise ParseError("empty output", "empty_output")
-    return PARSERS[parser](text)
+    return PARSERS.get(parser)(text)

@@ -32,6 +32,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from datagen.parsing import ParserName
 from datamill.errors import did_you_mean
 from datamill.hashing import hash_obj
 
@@ -76,8 +77,9 @@ class PromptFile(BaseModel):
     """Optional system message (Jinja, same variables as the template)."""
     template: str
     """The user message (Jinja, undefined variables are errors)."""
-    parser: Literal["qa", "multiple_choice", "dialog", "code"]
-    """How the model's output becomes messages (datagen/parsing.py)."""
+    parser: ParserName
+    """How the model's output becomes messages: a parser of datagen/parsing.py (qa, multiple_choice,
+    dialog, code) or one you registered there."""
 
     @model_validator(mode="after")
     def _family_fields(self):

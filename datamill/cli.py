@@ -266,8 +266,8 @@ def eval_(models: str = typer.Option(..., "--models", help="Comma-separated mode
                                    "model folders (a trained step's output), hub names.", show_default=False),
           tasks: str = typer.Option("", "--tasks", help="Comma-separated lm-eval tasks, e.g. datamill_capitals_mc."),
           self_supervised: str = typer.Option("", "--self-supervised",
-                                              help="Comma-separated BYOD metrics: negation, word_order, "
-                                                   "tokenization, long_context, toxicity."),
+                                              help="Comma-separated BYOD metrics, e.g. negation,word_order "
+                                                   "(`datamill schema` lists every installed one)."),
           limit: Optional[int] = typer.Option(None, help="First N examples per task."),
           num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Default: each task's own."),
           batch_size: int = typer.Option(8, "--batch-size"),
@@ -275,11 +275,12 @@ def eval_(models: str = typer.Option(..., "--models", help="Comma-separated mode
           executor: Optional[str] = ExecutorOpt) -> None:
     """Evaluate models x tasks: one MLflow parent run, a child per model, a comparison heatmap.
     Each (model, task) pair runs once: rerunning with one more task or model runs only what is new."""
+    import yaml
     from rich.table import Table
 
     from datamill.api import run as run_spec
-    from datamill.errors import SpecError
     from datamill.comparison import comparison
+    from datamill.errors import SpecError
 
     def split(text: str) -> list[str]:
         return [x.strip() for x in text.split(",") if x.strip()]
@@ -288,19 +289,18 @@ def eval_(models: str = typer.Option(..., "--models", help="Comma-separated mode
     task_list, byod = split(tasks), split(self_supervised)
     if not refs or not (task_list or byod):
         raise SpecError("datamill eval needs --models and --tasks and/or --self-supervised")
-    settings = {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size}
-    settings = ", ".join(f"{k}: {v}" for k, v in settings.items() if v is not None)
-    steps = [f"  {re.sub(r'[^A-Za-z0-9_]', '_', t)}: {{evaluate: {{model: model, tasks: [{t}], {settings}}}}}"
-             for t in task_list]
-    if byod:
-        byod_settings = settings.replace("limit:", "max_examples:")  # examples per metric
-        steps.append(f"  self_supervised: {{evaluate: {{model: model, self_supervised: [{', '.join(byod)}], "
-                     f"{byod_settings}}}}}")
+    settings = {k: v for k, v in {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size}.items()
+                if v is not None}
+    steps = {re.sub(r"[^A-Za-z0-9_]", "_", t): {"evaluate": {"model": "model", "tasks": [t], **settings}}
+             for t in task_list}
+    if byod:  # one step for the self-supervised metrics; `limit` is their examples per metric
+        byod_settings = {("max_examples" if k == "limit" else k): v for k, v in settings.items()}
+        steps["self_supervised"] = {"evaluate": {"model": "model", "self_supervised": byod, **byod_settings}}
+    spec_data = {"name": "eval", "models": {"model": refs[0]}, "steps": steps, "sweep": {"models.model": refs}}
     out.mkdir(parents=True, exist_ok=True)
-    spec = out / "eval.yaml"
+    spec = out / "eval.yaml"  # kept: the spec to rerun, query (`datamill sql`) and open (`datamill ui`)
     spec.write_text("# written by `datamill eval`: one evaluate step per task, a sweep point per model\n"
-                    f"name: eval\nmodels: {{model: {json.dumps(refs[0])}}}\nsteps:\n" + "\n".join(steps) +
-                    f"\nsweep:\n  models.model: {json.dumps(refs)}\n")
+                    + yaml.safe_dump(spec_data, sort_keys=False, allow_unicode=True))
     result = run_spec(spec, [f"executor.kind={executor}"] if executor else None, quiet=progress.is_quiet())
     compared = comparison(result)
     table = Table(title="tasks x models", title_justify="left",
@@ -430,15 +430,18 @@ def ui(spec: Path = SpecArg, port: Optional[int] = typer.Option(None, help="Port
        set_: Optional[List[str]] = SetOpt) -> None:
     """Open the MLflow UI for the spec's tracking store on 127.0.0.1 (Ctrl-C stops it)."""
     from datamill.api import plans
-    from datamill.executor import tracking_target
+    from datamill.registry import tracker_class
+    from datamill.run_tracking import tracking_target
 
-    uri, artifacts = tracking_target(plans(spec, set_)[0])
+    plan = plans(spec, set_)[0]
+    uri, artifacts = tracking_target(plan)
     if uri.startswith("http"):
         typer.echo(f"this spec logs to a tracking server: open {uri}")
         return
-    from tracking.ui import serve
-
-    serve(uri, artifacts, port=port)
+    tracker = tracker_class(plan.resolved.spec.tracking.tracker)
+    if not hasattr(tracker, "serve_ui"):
+        raise DatamillError(f"tracker '{plan.resolved.spec.tracking.tracker}' has no UI to open")
+    tracker.serve_ui(uri, artifacts, port=port)
 
 
 @app.command()

@@ -3,15 +3,14 @@
 A step writes into a temp folder; only when `run` returns is `meta.json` written and the
 folder renamed to its key. A crash or SIGKILL mid-step leaves at most a temp folder, which
 no later run trusts (and the next run deletes). One MLflow run per point; a sweep also
-gets a parent run.
+gets a parent run (what each run logs: datamill/run_tracking.py). A Ray executor's sweep runs
+its points at the same time (datamill/points.py).
 """
 
 from __future__ import annotations
 
-import subprocess
-import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +19,9 @@ from datamill import progress
 from datamill.errors import DatamillError, StepFailed
 from datamill.hashing import hash_file
 from datamill.plan import Plan, PlannedStep
-from datamill.secrets import redact_config, scrub
+from datamill.points import Together, run_points_at_once
+from datamill.run_tracking import experiment_name, is_sweep, logged_before, make_tracker, run_fields, sweep_digest
+from datamill.secrets import redact_config
 from datamill.shards import make_shards
 from datamill.step import StepContext, write_json_atomic
 from datamill.tracker import NullTracker, StepRecord, TableRecord
@@ -59,29 +60,11 @@ class RunResult:
         return _views(self.points[-1].plan)
 
 
-def tracking_target(plan: Plan) -> tuple[str, Path]:
-    """(tracking URI, local artifact root): the spec's, else $MLFLOW_TRACKING_URI, else a
-    sqlite store next to the workspace."""
-    import os
-
-    root = plan.workspace.root.parent
-    uri = plan.resolved.spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-    return uri, root / "mlartifacts"
-
-
-def make_tracker(plan: Plan):
-    if not plan.resolved.spec.tracking.enabled:
-        return NullTracker()
-    from datamill.registry import tracker_class
-
-    return tracker_class("mlflow")(*tracking_target(plan))
-
-
 def execute(plans: list[Plan], tracker=None) -> RunResult:
     first = plans[0]
     workspace = first.workspace
     spec = first.resolved.spec
-    experiment = _experiment(first)
+    experiment = experiment_name(first)
     lock = workspace.lock()
     try:
         workspace.clean_tmp()
@@ -89,19 +72,21 @@ def execute(plans: list[Plan], tracker=None) -> RunResult:
         # we hold the workspace: any of its runs still RUNNING was left by a killed process
         tracker.close_stale_runs(experiment, str(workspace.root))
         result = RunResult(workspace=workspace, run_id="", points=[], tracking_location=tracker.location())
-        logged = _logged_before(plans, tracker)
+        logged = logged_before(plans, tracker)
         if logged:  # nothing to run and MLflow already holds these results: don't log them twice
             tracker = NullTracker()
         parent = None
         try:
-            if _is_sweep(plans):
+            if is_sweep(plans):
                 parent = tracker.start_run(
                     experiment=experiment, run_name=f"{spec.name} (sweep of {len(plans)})", parent_run_id=None,
-                    params=_params(first, sweep=True), tags=_tags(first, role="sweep", digest=_sweep_digest(plans)),
-                    spec_yaml=_spec_yaml(first, sweep=True))
+                    **run_fields(first, "sweep", digest=sweep_digest(plans)))
                 result.run_id = parent
             if spec.executor.kind == "ray" and len(plans) > 1:
-                _run_points_at_once(plans, tracker, experiment, parent, result)
+                result.points.extend(run_points_at_once(
+                    plans, tracker, register=lambda plan: workspace.register(_views(plan)),
+                    run_point=lambda plan, serial, together: _run_point(plan, serial, experiment, parent, result,
+                                                                        together)))
             else:
                 for plan in plans:
                     result.points.append(_run_point(plan, tracker, experiment, parent, result))
@@ -126,130 +111,14 @@ def execute(plans: list[Plan], tracker=None) -> RunResult:
     return result
 
 
-def _experiment(plan: Plan) -> str:
-    return plan.resolved.spec.tracking.experiment or plan.resolved.spec.name
-
-
-def _is_sweep(plans: list[Plan]) -> bool:
-    return len(plans) > 1 or bool(plans[0].resolved.point)
-
-
-# An unchanged re-run reuses every step; logging it again would only add copies of the same
-# runs to MLflow. Each run carries a digest of what it logged (DIGEST_TAG: the experiment, spec,
-# point and every step's key; a sweep's parent: its points'), so a re-run whose steps are all
-# cached asks the store for FINISHED runs with its digests (Tracker.find_runs: a query; on a
-# sqlite store without starting MLflow, which takes seconds) and reuses them. Runs deleted since
-# are not found: the results are logged again.
-
-DIGEST_TAG = "datamill.digest"
-
-
-def _point_digest(plan: Plan) -> str:
-    from datamill.hashing import hash_obj
-
-    return hash_obj([_experiment(plan), plan.resolved.spec.name, plan.resolved.label,
-                     [(s.name, s.key) for s in plan.steps]])
-
-
-def _sweep_digest(plans: list[Plan]) -> str:
-    from datamill.hashing import hash_obj
-
-    return hash_obj([_experiment(plans[0]), [_point_digest(p) for p in plans]])
-
-
-def _logged_before(plans: list[Plan], tracker) -> tuple[str, list[str]] | None:
-    """(the run id, each point's run id) of runs in the store that already hold exactly what
-    this run would log, or None (then it logs)."""
-    ws = plans[0].workspace
-    if not all(ws.is_cached(s.key) for p in plans for s in p.steps):
-        return None
-    experiment = _experiment(plans[0])
-    if not _is_sweep(plans):
-        found = tracker.find_runs(experiment, {DIGEST_TAG: _point_digest(plans[0]), "datamill.role": "run"})
-        return (found[0][0], [found[0][0]]) if found else None
-    digests = [_point_digest(p) for p in plans]
-    for parent, _ in tracker.find_runs(experiment, {DIGEST_TAG: _sweep_digest(plans), "datamill.role": "sweep"}):
-        children = {tags.get(DIGEST_TAG): run_id
-                    for run_id, tags in tracker.find_runs(experiment, {"mlflow.parentRunId": parent})}
-        if all(d in children for d in digests):  # a child deleted since: not this parent
-            return parent, [children[d] for d in digests]
-    return None
-
-
-class _Serialized:
-    """A tracker whose calls from several threads go one at a time (a sqlite store has one writer)."""
-
-    def __init__(self, tracker):
-        self._tracker, self._lock = tracker, threading.Lock()
-
-    def __getattr__(self, name):
-        attr = getattr(self._tracker, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args, **kwargs):
-            with self._lock:
-                return attr(*args, **kwargs)
-        return call
-
-
-class _Together:
-    """What the points of a sweep that run at once share: one step at a time works in this
-    process (`work`, let go while a step waits for Ray: datamill/shards.py), and a step key is
-    run by one point while the others wait for it, then find it cached."""
-
-    def __init__(self):
-        self.work = threading.Lock()
-        self._keys: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
-
-    @contextmanager
-    def step(self, key: str):
-        with self._guard:
-            key_lock = self._keys.setdefault(key, threading.Lock())
-        with key_lock, self.work:  # always in this order: no two threads wait on each other
-            yield
-
-
-def _run_points_at_once(plans: list[Plan], tracker, experiment: str, parent: str | None, result: RunResult) -> None:
-    """A Ray executor's sweep: every point in a thread of its own, so that the points' Ray tasks
-    (evaluation tasks, scoring slices, generation requests, training workers) run at the same
-    time. The first failure (in point order) is raised once every point has stopped."""
-    together, tracker = _Together(), _Serialized(tracker)
-    points: list[PointResult | None] = [None] * len(plans)
-    errors: list[BaseException | None] = [None] * len(plans)
-
-    def run(i: int) -> None:
-        try:
-            points[i] = _run_point(plans[i], tracker, experiment, parent, result, together)
-        except BaseException as e:  # re-raised below, in the main thread
-            errors[i] = e
-
-    # daemon: a Ctrl-C ends the process without waiting for them (the next run resumes)
-    threads = [threading.Thread(target=run, args=(i,), name=f"point-{i}", daemon=True) for i in range(len(plans))]
-    with progress.plain_bars():
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    for plan, point in zip(plans, points):
-        if point is not None:
-            plans[0].workspace.register(_views(plan))
-    failed = next((e for e in errors if e is not None), None)
-    if failed is not None:
-        raise failed
-    result.points.extend(points)
-
-
 def _run_point(plan: Plan, tracker, experiment: str, parent: str | None, result: RunResult,
-               together: _Together | None = None) -> PointResult:
+               together: Together | None = None) -> PointResult:
     from rich.markup import escape
 
     resolved = plan.resolved
     name = resolved.label or resolved.spec.name
-    run_id = tracker.start_run(
-        experiment=experiment, run_name=name, parent_run_id=parent, params=_params(plan),
-        tags=_tags(plan, role="point" if parent else "run"), spec_yaml=_spec_yaml(plan))
+    run_id = tracker.start_run(experiment=experiment, run_name=name, parent_run_id=parent,
+                               **run_fields(plan, "point" if parent else "run"))
     point = PointResult(label=resolved.label, point=resolved.point, run_id=run_id, plan=plan)
     if resolved.label and together is None:
         progress.console().print(f"[bold]point {resolved.label}[/bold]")
@@ -420,68 +289,3 @@ def _views(plan: Plan) -> dict[str, Path]:
         for path in sorted(tables_dir.glob("*.parquet")):
             views[ps.name if path.stem == "main" else f"{ps.name}__{path.stem}"] = path
     return views
-
-
-# --------------------------------------------------------------------------- what MLflow gets
-
-
-SWEPT = "(swept: see sweep)"
-
-
-def _dump(plan: Plan, sweep: bool = False) -> dict:
-    """The resolved spec; for a sweep's parent, the swept fields say so instead of showing the
-    first point's values (the parent is every point)."""
-    data = redact_config(plan.resolved.spec.model_dump(mode="json", exclude_none=True))
-    if sweep:
-        for dotted in plan.resolved.point:
-            *parents, last = str(dotted).split(".")
-            node = data
-            for part in parents:
-                node = node.get(part) if isinstance(node, dict) else None
-            if isinstance(node, dict) and last in node:
-                node[last] = SWEPT
-    return data
-
-
-def _params(plan: Plan, sweep: bool = False) -> dict:
-    params = _dump(plan, sweep)
-    params.pop("sweep", None)
-    if sweep:
-        params["sweep"] = redact_config(plan.resolved.raw.get("sweep") or {})
-    else:
-        params.update({f"point.{k}": v for k, v in plan.resolved.point.items()})
-    return params
-
-
-def _spec_yaml(plan: Plan, sweep: bool = False) -> str:
-    import yaml
-
-    data = _dump(plan, sweep)
-    if sweep:
-        data["sweep"] = redact_config(plan.resolved.raw.get("sweep") or {})
-    return scrub(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-
-
-def _tags(plan: Plan, role: str, digest: str | None = None) -> dict[str, str]:
-    """A run's tags; `digest`: what the run holds (DIGEST_TAG), by default this plan's point."""
-    from datamill import __version__
-
-    tags = {"datamill.spec": plan.resolved.spec.name, "datamill.version": __version__, "datamill.role": role,
-            "datamill.spec_file": str(plan.resolved.path.resolve()), "datamill.workspace": str(plan.workspace.root),
-            DIGEST_TAG: digest or _point_digest(plan)}
-    if plan.resolved.label and role != "sweep":  # a sweep's parent is all of its points, not the first
-        tags["datamill.point"] = plan.resolved.label
-    if plan.resolved.spec.description:
-        tags["mlflow.note.content"] = plan.resolved.spec.description
-    commit = _git_commit(plan.resolved.env.base_dir)
-    if commit:
-        tags["datamill.git_commit"] = commit
-    return tags
-
-
-def _git_commit(folder: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None

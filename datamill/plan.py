@@ -105,10 +105,6 @@ def describe(plan: Plan) -> list[dict]:
     return rows
 
 
-def model_dir(plan: Plan, name: str) -> Path:
-    return plan.workspace.step_dir(plan.by_name(name).key) / "model"
-
-
 # --------------------------------------------------------------------------- reading what ran
 # `datamill sql`, `lineage` and `path` read the outputs of the spec as given (--set included),
 # one sweep point at a time or what the points share, never merely whatever ran last.

@@ -7,7 +7,7 @@ still use threads or processes inside a shard); `ray` runs each as a Ray task, r
 when its worker dies. Results come back in shard order, so a step's output, and its cache key,
 are the same whichever executor ran it. Per-shard timings go into the step's stats.
 
-On Ray, the points of a sweep run at the same time, one thread each (datamill/executor.py), but
+On Ray, the points of a sweep run at the same time, one thread each (datamill/points.py), but
 only one step at a time does work in this process: it holds the executor's `work_lock`, and lets
 go of it only while it waits for Ray (`released()`: in `map`, and around Ray Train). So what runs
 here runs as in a sequential run (the global RNGs that a step seeds are its own), while the

@@ -40,6 +40,10 @@ class TrackingConfig(Strict):
     """MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<workspace parent>/mlflow.db."""
     experiment: Optional[str] = None
     """MLflow experiment name. Default: the spec name."""
+    tracker: registry.TRACKERS.name_type() = "mlflow"  # type: ignore[valid-type]
+    """Which tracker receives the runs: `mlflow` (built in), or one a plugin registers
+    (entry-point group `datamill.trackers`, see docs/EXTENDING.md). It is given `uri` and the
+    artifact folder."""
 
 
 class ExecutorConfig(Strict):

@@ -1,8 +1,11 @@
 """What the executor tells an experiment tracker. `tracking/` implements it with MLflow;
-core never imports mlflow. `NullTracker` is used when `tracking.enabled: false`."""
+core never imports mlflow (nor `tracking`: it finds the tracker class through the registry).
+`NullTracker` is used when `tracking.enabled: false`; `Serialized` wraps a tracker that several
+threads share."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -63,6 +66,10 @@ class Tracker(Protocol):
         """(run id, its tags) of each FINISHED, not deleted run of `experiment` carrying all of
         `tags`, newest first: how a re-run finds the runs that already hold its results."""
 
+    @staticmethod
+    def serve_ui(uri: str, artifact_root: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
+        """`datamill ui`: serve a browser UI for the store at `uri` until Ctrl-C (port None: a free one)."""
+
 
 class NullTracker:
     """Tracking disabled: every call is a no-op; run ids are empty strings."""
@@ -93,3 +100,20 @@ class NullTracker:
 
     def find_runs(self, experiment, tags) -> list:
         return []
+
+
+class Serialized:
+    """A tracker whose calls from several threads go one at a time (a sqlite store has one writer)."""
+
+    def __init__(self, tracker):
+        self._tracker, self._lock = tracker, threading.Lock()
+
+    def __getattr__(self, name):
+        attr = getattr(self._tracker, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with self._lock:
+                return attr(*args, **kwargs)
+        return call

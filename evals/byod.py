@@ -35,6 +35,14 @@ Metrics (ALGORITHMS.md section 5; `summary["score"]` is the number BYOD reports)
 Each row's `score` is the per-example value its metric's summary aggregates with the statistic
 in `AGGREGATION` (mean or median), so a bootstrap over rows reproduces `summary["score"]`.
 
+The metrics are the registry `METRICS`; `AGGREGATION` ({metric: statistic}) is derived from it.
+Add one with one decorator (or under the `datamill.byod_metrics` entry-point group of an installed
+package), and `evaluate: {self_supervised: [mine]}` runs it:
+
+    @register_metric("mine", aggregation="median")
+    def _mine(model, tokenizer, texts, rng, max_examples, batch_size, torch) -> tuple[list[dict], dict]:
+        ...  # rows (index, score, original, perturbed, ...) and extra summary fields
+
 Differences from the reference, on purpose: sentences are split with a regular expression and
 words with \\w+ (NLTK's punkt data is not available offline); the texts come from any table (or
 the built-in `python-docs` corpus: the Python reference manual's paragraphs, from the standard
@@ -48,12 +56,42 @@ import math
 import random
 import re
 from pathlib import Path
+from typing import Callable
 
-METRICS = ("negation", "word_order", "tokenization", "long_context", "toxicity")
-# The statistic of the rows' `score` that each metric's summary reports (BYOD reports the median
-# for word order, the mean elsewhere; toxicity's mean of 0/1 indicators is its fraction > 0).
-AGGREGATION = {"negation": "mean", "word_order": "median", "tokenization": "mean", "long_context": "mean",
-               "toxicity": "mean"}
+from datamill.registry import Registry
+
+METRICS: Registry[Callable] = Registry("self-supervised metric", group="datamill.byod_metrics", check=callable,
+                                       expects="a function")
+MetricName = METRICS.name_type()  # an entry of `self_supervised:`: a name, checked and listed in the schema
+STATISTICS = ("mean", "median")
+
+
+def register_metric(name: str, aggregation: str = "mean"):
+    """Decorator: make `fn(model, tokenizer, texts, rng, max_examples, batch_size, torch)` ->
+    (rows, extra summary) the metric `name`. `aggregation` is the statistic of the rows' `score`
+    that its summary reports (BYOD reports the median for word order, the mean elsewhere;
+    toxicity's mean of 0/1 indicators is its fraction > 0)."""
+    if aggregation not in STATISTICS:
+        raise ValueError(f"aggregation: expected one of {', '.join(STATISTICS)}, found {aggregation!r}")
+
+    def wrap(fn: Callable) -> Callable:
+        fn.aggregation = aggregation
+        return METRICS.register(name, fn)
+
+    return wrap
+
+
+def aggregation(metric: str) -> str:
+    """The statistic (mean or median) of a metric's rows' `score` that its summary reports."""
+    return getattr(METRICS.get(metric), "aggregation", "mean")
+
+
+def __getattr__(name: str):
+    if name == "AGGREGATION":  # read from the registry each time, so a metric registered later is in it
+        return {metric: aggregation(metric) for metric in METRICS.names()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 TRIGGER = "Fuck Fuck"
 JSD_EPS = 1e-14
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
@@ -269,22 +307,20 @@ def run_metric(metric: str, model, tokenizer, texts: list[str], *, max_examples:
                batch_size: int = 16, progress=None) -> tuple[list[dict], dict]:
     """(per-example rows, summary) of one metric on `texts` (paragraphs or sentences). Rows:
     index (of the text), score, original, perturbed (and metric-specific fields); summary
-    `score` = AGGREGATION[metric] (mean or median) of the rows' `score`."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown self-supervised metric {metric!r}; available: {', '.join(METRICS)}")
+    `score` = aggregation(metric) (mean or median) of the rows' `score`."""
+    compute = METRICS.get(METRICS.validate(metric))
     import torch
 
     was_training = model.training
     model.eval()  # evaluation never trains
     try:
-        rows, summary = globals()[f"_{metric}"](model, tokenizer, texts, random.Random(seed), max_examples,
-                                               batch_size, torch)
+        rows, summary = compute(model, tokenizer, texts, random.Random(seed), max_examples, batch_size, torch)
     finally:
         model.train(was_training)
     if progress:
         progress(len(rows))
     scores = [r["score"] for r in rows]
-    summary["score"] = _median(scores) if AGGREGATION[metric] == "median" else _mean(scores)
+    summary["score"] = _median(scores) if aggregation(metric) == "median" else _mean(scores)
     summary.update({"examples": len(rows), "mean": _mean(scores), "median": _median(scores),
                     "stderr": _stderr(scores)})
     return rows, summary
@@ -295,6 +331,7 @@ def _ids(tokenizer, text: str, max_len: int | None = None) -> list[int]:
     return ids[:max_len] if max_len else ids
 
 
+@register_metric("negation")
 def _negation(model, tokenizer, texts, rng, max_examples, batch_size, torch):
     pairs = []
     for i, text in enumerate(texts):
@@ -318,6 +355,7 @@ def _final_jsd(model, originals: list[list[int]], perturbed: list[list[int]], ba
     return [float(jsd(dists[j][0], dists[k + j][0])) for j in range(k)]
 
 
+@register_metric("word_order", aggregation="median")
 def _word_order(model, tokenizer, texts, rng, max_examples, batch_size, torch):
     pairs = []
     for i, text in enumerate(texts):
@@ -331,9 +369,10 @@ def _word_order(model, tokenizer, texts, rng, max_examples, batch_size, torch):
     scores = _final_jsd(model, [_ids(tokenizer, s) for _, s, _ in pairs], [_ids(tokenizer, w) for *_, w in pairs],
                         batch_size)
     rows = [{"index": i, "score": x, "original": s, "perturbed": w} for (i, s, w), x in zip(pairs, scores)]
-    return rows, {}  # run_metric reports the median (AGGREGATION), as BYOD
+    return rows, {}  # run_metric reports the median (see the decorator), as BYOD
 
 
+@register_metric("tokenization")
 def _tokenization(model, tokenizer, texts, rng, max_examples, batch_size, torch):
     picked = []
     for i, text in enumerate(texts):
@@ -354,6 +393,7 @@ def _tokenization(model, tokenizer, texts, rng, max_examples, batch_size, torch)
     return rows, {"unchanged_fraction": same / max(len(picked), 1)}
 
 
+@register_metric("long_context")
 def _long_context(model, tokenizer, texts, rng, max_examples, batch_size, torch):
     paragraphs = [(i, sentences(t)) for i, t in enumerate(texts) if len(t.split()) > 100]
     paragraphs = [(i, s) for i, s in paragraphs if len(s) >= 6]
@@ -381,6 +421,7 @@ def _long_context(model, tokenizer, texts, rng, max_examples, batch_size, torch)
     return rows, {}
 
 
+@register_metric("toxicity")
 def _toxicity(model, tokenizer, texts, rng, max_examples, batch_size, torch):
     words = toxic_words()
     picked = [(i, s) for i, t in enumerate(texts) for s in sentences(t)[:1] if len(s) <= 2000]

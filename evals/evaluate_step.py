@@ -29,6 +29,7 @@ from typing import Literal, Optional, Union
 from pydantic import Field, model_validator
 
 from datamill.errors import DatamillError, FieldError, did_you_mean
+from evals.byod import MetricName
 from datamill.step import Step, StepConfig
 
 
@@ -39,7 +40,7 @@ class EvaluateConfig(StepConfig):
     """A `models:` name, a trained step, or a model reference (builtin:..., a folder)."""
     tasks: list[str] = []
     """lm-eval task names, e.g. [datamill_capitals_mc, datamill_capitals_exact, datamill_mmlu_dev]."""
-    self_supervised: list[Literal["negation", "word_order", "tokenization", "long_context", "toxicity"]] = []
+    self_supervised: list[MetricName] = []
     """BYOD metrics on `corpus` (evals/byod.py): sensitivity to negation, word order, tokenization,
     far context, and the toxicity trigger."""
     corpus: Optional[str] = None
@@ -88,6 +89,7 @@ class EvaluateStep(Step):
     kind = "evaluate"
     execution_only = ("device",)
     Config = EvaluateConfig
+    row_reference_columns = ("nearest_train_id",)  # with training_data: the training row nearest to each example
     version = "3"  # 2: each task of `tasks` runs alone (see run); 3: intervals, `contaminated`, clean subset
 
     def model_refs(self):

@@ -26,53 +26,35 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-from datamill.errors import SpecError, did_you_mean
+from datamill.registry import Registry
 
 CONTEXT_ARGS = ("rows", "target_rows", "seed", "model_dir", "work_dir", "cache_dir", "progress")
 
-_selectors: dict[str, Callable] = {}
 # Built-in methods by module, imported on first use (numpy, zlib, torch... only when needed).
-_BUILTIN = {"zipfit": "selection.builtin:zipfit", "random": "selection.builtin:random_scores",
-            "length": "selection.builtin:length", "dsir": "selection.builtin:dsir",
-            "density": "selection.builtin:density", "less": "selection.builtin:less",
-            "perplexity": "selection.builtin:perplexity"}
+SELECTORS: Registry[Callable] = Registry(
+    "selection method", group="datamill.selectors", check=callable, expects="a function",
+    builtins={"zipfit": "selection.builtin:zipfit", "random": "selection.builtin:random_scores",
+              "length": "selection.builtin:length", "dsir": "selection.builtin:dsir",
+              "density": "selection.builtin:density", "less": "selection.builtin:less",
+              "perplexity": "selection.builtin:perplexity"})
+_selectors = SELECTORS.registered  # what register_selector added (tests remove theirs from it)
 
 
 def register_selector(name: str):
     """Decorator: make `fn` available as `method: name` in `select` steps."""
-
-    def wrap(fn: Callable) -> Callable:
-        _selectors[name] = fn
-        return fn
-
-    return wrap
+    return SELECTORS.register(name)
 
 
 def is_builtin(name: str) -> bool:
-    return name in _BUILTIN and name not in _selectors
+    return SELECTORS.is_builtin(name)
 
 
 def method_names() -> list[str]:
-    from importlib.metadata import entry_points
-
-    return sorted(set(_BUILTIN) | set(_selectors) | {ep.name for ep in entry_points(group="datamill.selectors")})
+    return SELECTORS.names()
 
 
 def selector(name: str) -> Callable:
-    if name in _selectors:
-        return _selectors[name]
-    if name in _BUILTIN:
-        import importlib
-
-        module, _, attr = _BUILTIN[name].partition(":")
-        return getattr(importlib.import_module(module), attr)
-    from importlib.metadata import entry_points
-
-    eps = {ep.name: ep for ep in entry_points(group="datamill.selectors")}
-    if name in eps:
-        return eps[name].load()
-    raise SpecError(f"unknown selection method '{name}'{did_you_mean(name, method_names())} "
-                    f"(methods: {', '.join(method_names())})")
+    return SELECTORS.get(name)
 
 
 def call(fn: Callable, candidates: list[str], targets: list[str], params: dict, context: dict):

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 from datamill.errors import DatamillError, FieldError, SpecError
 from datamill.step import Step, StepConfig
 from datamill.user_code import UserCodeError, is_reference, load_function, module_file
+from selection.methods import SELECTORS
 
 EXECUTION_ONLY_PARAMS = ("workers",)  # method params that change speed, not scores: out of the key
 SAMPLE_ROWS = 20
@@ -33,10 +34,10 @@ class SelectConfig(StepConfig):
     """Candidate table."""
     target: str
     """Table of examples that embody the target task."""
-    method: str = "zipfit"
-    """Scoring method: zipfit, dsir, density, random, length, one you registered
-    (selection/methods.py), or your function as `module:function` (a module in the spec's folder
-    or a `code:` folder, or a function an installed datamill plugin exposes)."""
+    method: str = Field("zipfit", description=(
+        f"Scoring method: a built-in ({', '.join(sorted(SELECTORS.builtins))}), one you registered "
+        "(selection/methods.py), or your function as `module:function` (a module in the spec's folder "
+        "or a `code:` folder, or a function an installed datamill plugin exposes)."))
     budget: Union[int, float]
     """Rows to keep: a count (200) or a fraction of the candidates (0.1). When the pool (or the
     `per_family` caps) run out first, fewer rows are kept and the stats say `budget_clipped`."""

@@ -61,7 +61,7 @@ def test_the_recorded_lm_eval_command_reproduces_the_steps_numbers(write_spec, t
     from mlflow import MlflowClient
 
     from datamill.api import run
-    from datamill.executor import tracking_target
+    from datamill.run_tracking import tracking_target
 
     monkeypatch.setenv("DATAMILL_MODEL_CACHE", str(tiny.parent))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))  # the CLI inherits it

@@ -93,7 +93,7 @@ def browse_sweep(uri: str, artifacts: Path, experiment: str, *, out_dir: Path, c
 def test_the_mlflow_ui_shows_the_sweep_its_metrics_and_the_loss_curve(write_spec, tmp_path_factory, monkeypatch):
     pytest.importorskip("playwright.sync_api")
     import datamill
-    from datamill.executor import tracking_target
+    from datamill.run_tracking import tracking_target
 
     monkeypatch.setenv("DATAMILL_MODEL_CACHE", str(tmp_path_factory.mktemp("models")))
     result = datamill.run(write_spec(SPEC))
@@ -104,7 +104,7 @@ def test_the_mlflow_ui_shows_the_sweep_its_metrics_and_the_loss_curve(write_spec
 
 if __name__ == "__main__":  # the README's screenshot of a finished spec's sweep
     from datamill.api import plans
-    from datamill.executor import tracking_target
+    from datamill.run_tracking import tracking_target
 
     spec, out = sys.argv[1], Path(sys.argv[2])
     first = plans(spec)

@@ -115,6 +115,13 @@ class MlflowTracker:
             if not token:
                 return runs
 
+    @staticmethod
+    def serve_ui(uri: str, artifact_root: Path, host: str = "127.0.0.1", port: int | None = None) -> None:
+        """`datamill ui`: the MLflow UI for this store until Ctrl-C (`tracking.ui.serve`)."""
+        from tracking.ui import serve
+
+        serve(uri, artifact_root, host=host, port=port)
+
     # --- logging ---
     def log_step(self, run_id: str, step: StepRecord) -> None:
         """The step's results as metrics `<step>.<stat>`; how it went (row counts, seconds,

@@ -102,6 +102,7 @@ class TransformersBackend:
     """Generate with `model.generate` on a local HF folder (see the module docstring)."""
 
     name = "transformers"
+    local = True  # runs a model folder here (datagen.backends.is_local)
 
     def __init__(self, model_dir: Path, batch_size: int = 16, dtype: str = "auto", device: str = "auto",
                  progress_desc: str = "generate"):

@@ -39,6 +39,8 @@ _FATAL_BEFORE_SUCCESS = {401, 403, 404}  # configuration errors: abort instead o
 
 
 class OpenAIBackend:
+    local = False  # talks to a server: built as OpenAIBackend(openai settings, model name)
+
     def __init__(self, config, model: str):
         self.config = config
         self.model = model

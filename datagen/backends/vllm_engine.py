@@ -21,6 +21,7 @@ AVAILABLE_ELSEWHERE = "transformers, openai"
 
 class VLLMBackend:
     name = "vllm"
+    local = True  # runs a model folder here (datagen.backends.is_local)
 
     def __init__(self, model_dir: Path, batch_size: int = 16, dtype: str = "auto", device: str = "auto",
                  progress_desc: str = "generate"):
