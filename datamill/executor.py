@@ -23,6 +23,7 @@ from datamill.points import Together, run_points_at_once
 from datamill.run_tracking import experiment_name, is_sweep, logged_before, make_tracker, run_fields, sweep_digest
 from datamill.secrets import redact_config
 from datamill.shards import make_shards
+from datamill.spec import side_table
 from datamill.step import StepContext, write_json_atomic
 from datamill.tracker import NullTracker, StepRecord, TableRecord
 from datamill.workspace import Workspace, model_cache_dir, model_files
@@ -238,7 +239,7 @@ def _describe_tables(tables_dir: Path) -> dict[str, dict]:
 def _record(ws: Workspace, ps: PlannedStep, meta: dict, cached: bool) -> StepRecord:
     folder = ws.step_dir(ps.key)
     tables = [
-        TableRecord(name=ps.name if table == "main" else f"{ps.name}__{table}", path=folder / "tables" / f"{table}.parquet",
+        TableRecord(name=side_table(ps.name, table), path=folder / "tables" / f"{table}.parquet",
                     rows=info["rows"], digest=info["digest"], schema=info["schema"])
         for table, info in meta.get("tables", {}).items()
     ]
@@ -287,5 +288,5 @@ def _views(plan: Plan) -> dict[str, Path]:
     for ps in plan.steps:
         tables_dir = plan.workspace.step_dir(ps.key) / "tables"
         for path in sorted(tables_dir.glob("*.parquet")):
-            views[ps.name if path.stem == "main" else f"{ps.name}__{path.stem}"] = path
+            views[side_table(ps.name, path.stem)] = path
     return views

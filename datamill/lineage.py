@@ -30,6 +30,7 @@ def lineage(spec, row_id: str, overrides: list[str] | None = None, point: str | 
 
     from datamill.api import plans
     from datamill.plan import choose_point
+    from datamill.spec import side_table
 
     all_plans = plans(spec, overrides)
     keys_per_point = [{s.key for s in p.steps} for p in all_plans]
@@ -46,7 +47,7 @@ def lineage(spec, row_id: str, overrides: list[str] | None = None, point: str | 
                 point = "" if shared or len(all_plans) == 1 else plan.resolved.label
                 tables = sorted((plan.workspace.step_dir(planned.key) / "tables").glob("*.parquet"))
                 for path in tables:
-                    table = planned.name if path.stem == "main" else f"{planned.name}__{path.stem}"
+                    table = side_table(planned.name, path.stem)
                     names = {r[0] for r in con.execute("SELECT name FROM parquet_schema(?)", [str(path)]).fetchall()}
                     for column in ("id", *references):
                         for row in (_rows(con, path, column, row_id) if column in names else []):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from datamill.errors import SpecError, did_you_mean
 from datamill.hashing import hash_obj
-from datamill.spec import ResolvedSpec, table_base, topo_order
+from datamill.spec import ResolvedSpec, side_table, split_table, table_base, topo_order
 from datamill.step import Step
 from datamill.workspace import Workspace
 
@@ -43,8 +43,8 @@ class Plan:
 
     def table_path(self, table: str) -> Path:
         """Where a table of the plan ("pick", "deduped__removed") is, once its step has run."""
-        base = table_base(table)
-        return self.workspace.table_path(self.by_name(base).key, table[len(base) + 2:] or "main")
+        base, side = split_table(table)
+        return self.workspace.table_path(self.by_name(base).key, side)
 
 
 def build_plan(resolved: ResolvedSpec) -> Plan:
@@ -63,8 +63,7 @@ def build_plan(resolved: ResolvedSpec) -> Plan:
         step = steps[name]
         tables_in = {}
         for _, table in step.input_tables():
-            base = table_base(table)
-            side = table[len(base) + 2:] if table != base else "main"
+            base, side = split_table(table)
             tables_in[table] = f"{planned[base].key}:{side}"
         models = {}
         for _, ref in step.model_refs():
@@ -207,4 +206,4 @@ def _tables_of(plan: Plan, ps: PlannedStep) -> list[tuple[str, str]]:
     """(table name, side) of a step: its main table and side tables, written or declared."""
     written = [p.stem for p in sorted((plan.workspace.step_dir(ps.key) / "tables").glob("*.parquet"))]
     sides = dict.fromkeys(["main", *ps.step.side_tables, *written])
-    return [(ps.name if side == "main" else f"{ps.name}__{side}", side) for side in sides]
+    return [(side_table(ps.name, side), side) for side in sides]

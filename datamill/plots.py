@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from datamill.atomic import write_atomic
 
 
 def _pyplot():
@@ -18,9 +19,7 @@ def _pyplot():
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, fig.savefig)
     return path
 
 

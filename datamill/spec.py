@@ -560,6 +560,17 @@ def table_base(name: str) -> str:
     return name.split("__", 1)[0]
 
 
+def split_table(name: str) -> tuple[str, str]:
+    """'clean__removed' -> ('clean', 'removed'); 'clean' -> ('clean', 'main')."""
+    step, _, side = name.partition("__")
+    return step, side or "main"
+
+
+def side_table(step: str, side: str = "main") -> str:
+    """A step's table as the catalog names it: ('clean', 'main') -> 'clean', ('clean', 'removed') -> 'clean__removed'."""
+    return step if side == "main" else f"{step}__{side}"
+
+
 def check_references(resolved: ResolvedSpec, doc: YamlDoc, overrides: list[Override]) -> None:
     """Names, table and model references, files, and cycles; all problems at once."""
     from datamill import models as model_refs
@@ -610,13 +621,13 @@ def check_references(resolved: ResolvedSpec, doc: YamlDoc, overrides: list[Overr
             report(where + e.loc, e.message)
         deps = []
         for field_loc, table in step.input_tables():
-            base = table_base(table)
-            side = table[len(base) + 2:]
+            base, side = split_table(table)
+            side = "" if side == "main" else side
             if base not in steps:
                 report(where + tuple(field_loc), f"undefined table '{table}'{did_you_mean(table, steps)}"
                        f" (defined: {', '.join(steps) or 'none'})")
             elif side and side not in steps[base].side_tables:
-                has = ", ".join(f"{base}__{t}" for t in steps[base].side_tables) or "none"
+                has = ", ".join(side_table(base, t) for t in steps[base].side_tables) or "none"
                 report(where + tuple(field_loc), f"undefined table '{table}': step '{base}' ({steps[base].kind}) "
                        f"has no side table '{side}' (its side tables: {has})")
             else:

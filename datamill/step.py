@@ -10,7 +10,6 @@ never at module import: the spec is validated and planned without them.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -226,6 +225,6 @@ class StepContext:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    from datamill.atomic import write_atomic
+
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))

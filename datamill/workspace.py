@@ -21,6 +21,8 @@ import os
 import shutil
 from pathlib import Path
 
+from datamill.atomic import replace_folder
+
 
 class Workspace:
     def __init__(self, root: str | Path):
@@ -88,10 +90,8 @@ class Workspace:
 
     def commit(self, key: str, tmp: Path) -> Path:
         """Move a finished step's temp folder into the cache (atomic rename)."""
-        final = self.step_dir(key)
-        if final.exists():  # a stale folder without meta.json from an older crash
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        # a folder already there is stale: without meta.json, from an older crash
+        final = replace_folder(tmp, self.step_dir(key))
         shutil.rmtree(self.steps_dir / ".state" / key, ignore_errors=True)
         return final
 

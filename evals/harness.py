@@ -147,11 +147,10 @@ def hf_model_args(path, device: str = "auto") -> tuple[dict, str]:
     """The arguments of lm-eval's HFLM for a local folder (what the `lm_eval` CLI's --model_args
     takes) and the device ("auto": cuda when there is one): a full model, or a LoRA adapter
     (adapter_config.json) on top of the base model it names."""
-    import torch
+    from datamill.devices import resolve_device
 
     path = Path(path).resolve()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     adapter = path / "adapter_config.json"
     if adapter.is_file():
         base = json.loads(adapter.read_text())["base_model_name_or_path"]

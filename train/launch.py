@@ -35,9 +35,9 @@ TAIL_LINES = 40
 
 
 def _cpu_only(device: str) -> bool:
-    import torch
+    from datamill.devices import resolve_device
 
-    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return resolve_device(device) == "cpu"
 
 
 def _free_port() -> int:

@@ -25,6 +25,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from datamill.atomic import replace_folder, write_atomic
+from datamill.devices import has_bf16
 from train.config import TrainConfig
 from train.data import IGNORE, Example, collate, epoch_order, micro_batches, pack
 
@@ -492,11 +494,7 @@ def _quiet_libraries():
 def _mixed_precision(cfg: TrainConfig) -> str:
     if cfg.precision != "auto":
         return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
-    import torch
-
-    if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
+    return "bf16" if has_bf16(cfg.device) else "no"
 
 
 def _load_model(cfg: TrainConfig, model_dir: str):
@@ -649,9 +647,7 @@ def _save_checkpoint(state_dir: Path, step: int, accelerator, model, optimizer, 
         torch.save({"step": step, "weights": _trainable_state(accelerator, model),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": _rng_state(), "history": history}, tmp / CHECKPOINT_FILE)
-        final = folder / f"step-{step:08d}"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_folder(tmp, folder / f"step-{step:08d}")
         for old in sorted(folder.glob("step-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -703,8 +699,7 @@ def _save_epoch_state(folder: Path, accelerator, model, optimizer, history: list
     torch.save({"weights": _trainable_state(accelerator, model), "moments": moments}, tmp / EPOCH_TENSORS_FILE)
     (tmp / EPOCH_INFO_FILE).write_text(json.dumps({"epoch": epoch + 1, "mean_lr": sum(lrs) / max(len(lrs), 1),
                                                    "step": history[-1]["step"] if history else 0}))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    replace_folder(tmp, folder)
 
 
 def epoch_states(out_dir: Path) -> list[dict]:
@@ -736,11 +731,7 @@ def _load_examples(path: str):
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _peak_memory_mb(accelerator) -> dict:

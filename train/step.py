@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from datamill.atomic import write_atomic
 from datamill.errors import DatamillError, FieldError
 from datamill.step import Step
 from train.config import EXECUTION_ONLY, TrainConfig
@@ -273,9 +273,7 @@ def _digest(path: Path) -> str:
 
 
 def _write_parquet_atomic(df, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.write_parquet(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, df.write_parquet)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

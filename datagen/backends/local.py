@@ -19,27 +19,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from datagen.backends.base import BackendStats, GenRequest, GenResult
+from datamill.devices import resolve_device, resolve_dtype
 from datamill.errors import DatamillError
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 CANDIDATES = 512  # tokens considered for top-p before falling back to a full sort
