@@ -164,11 +164,22 @@ def make_backend(cfg: GenerateConfig, model_dir: Path | None, step_name: str):
                progress_desc=f"{step_name}: generate")
 
 
-def generate_shard(requests: list[GenRequest], *, make_backend) -> list:
-    """One shard of requests on an executor's worker: its own backend, the results returned."""
-    results = []
-    make_backend().generate(requests, results.append)
-    return results
+def generate_shard(requests: list[GenRequest], *, backend, emit) -> dict:
+    """One shard of requests, each result emitted as it finishes: `backend` is the shards' `setup`
+    (one for all shards here, one per task on Ray). Returns the backend's own counters."""
+    backend.generate(requests, emit)
+    return backend.stats.extra
+
+
+def merge_backend_counters(parts: list[dict]) -> dict:
+    """The backends' counters of every shard: "peak_*" the largest, other numbers summed. A backend
+    shared by the shards (locally) returns the same dict each time: counted once."""
+    merged: dict = {}
+    for part in {id(p): p for p in parts}.values():
+        for key, value in part.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                merged[key] = max(merged.get(key, value), value) if key.startswith("peak") else merged.get(key, 0) + value
+    return merged
 
 
 class GenerateStep(Step):
@@ -253,26 +264,18 @@ class GenerateStep(Step):
                                      "progress.tokens_out_per_s": round(progress["tokens_out"] / elapsed, 2)},
                                     step=progress["done"])
 
-            try:
-                if ctx.shards.kind == "local":
-                    backend = self._backend(model_dir, ctx.name)
-                    backend.generate(todo, on_result)
-                    stats = backend.stats
-                else:  # request shards as executor tasks; this process alone writes the request cache
-                    make = functools.partial(make_backend, self._per_task(cfg, ctx.shards.workers), model_dir,
-                                             ctx.name)
-                    stats = BackendStats()
+            try:  # request shards as executor tasks; this process alone writes the request cache
+                make = functools.partial(make_backend, self._per_task(cfg, ctx.shards.workers), model_dir, ctx.name)
 
-                    def save_shard(_, shard_results: list[GenResult]) -> None:
-                        for r in shard_results:
-                            stats.count(r)
-                            stats.retried += r.attempts - 1
-                            stats.failed += r.text is None
-                            on_result(r)
+                def save(_, r: GenResult) -> None:  # at once here; as its shard's task returns on Ray
+                    stats.count(r)
+                    stats.retried += r.attempts - 1
+                    stats.failed += r.text is None
+                    on_result(r)
 
-                    ctx.shards.map(functools.partial(generate_shard, make_backend=make), ctx.shards.slices(todo),
-                                   on_done=save_shard)
-                    stats.seconds = time.monotonic() - started
+                parts = ctx.shards.map(generate_shard, ctx.shards.slices(todo), setup={"backend": make}, on_emit=save)
+                stats.extra = merge_backend_counters(parts)
+                stats.seconds = time.monotonic() - started
             finally:
                 store.close()
         seconds = time.monotonic() - started
@@ -291,9 +294,6 @@ class GenerateStep(Step):
                 f"{failed.height} of {total} requests failed ({failed['reason'][0]}); the finished ones are "
                 "saved in the request cache, so a re-run sends only the failed ones (to accept failures, "
                 "raise max_failed_fraction: they then go to the rejected table)")
-
-    def _backend(self, model_dir: Path | None, step_name: str):
-        return make_backend(self.config, model_dir, step_name)
 
     @staticmethod
     def _per_task(cfg: GenerateConfig, tasks_at_once: int) -> GenerateConfig:

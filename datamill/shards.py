@@ -7,6 +7,16 @@ still use threads or processes inside a shard); `ray` runs each as a Ray task, r
 when its worker dies. Results come back in shard order, so a step's output, and its cache key,
 are the same whichever executor ran it. Per-shard timings go into the step's stats.
 
+What a shard needs that is costly to build (a loaded model, a generation backend) comes as
+`setup`, a dict of keyword name -> zero-argument factory (picklable: a `functools.partial` of a
+module-level function): every shard runs as `fn(shard, **{name: factory() ...})`. Locally each
+factory is called once per `map`, on the first shard, and its result reused by the others; on Ray,
+once per task, inside it. With `on_emit`, a shard also gets `emit`, a callable of one value
+(a finished request, a count of rows done): `on_emit(i, value)` runs here for each, at once
+locally, as the shard's task returns on Ray. So a step calls `map` the same way on either
+executor, and the fast (local) tests run the very function a Ray task runs. Threads a shard may
+use: `cpus_per_shard`.
+
 On Ray, the points of a sweep run at the same time, one thread each (datamill/points.py), but
 only one step at a time does work in this process: it holds the executor's `work_lock`, and lets
 go of it only while it waits for Ray (`released()`: in `map`, and around Ray Train). So what runs
@@ -16,6 +26,7 @@ points' Ray tasks overlap.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import sys
@@ -29,13 +40,15 @@ from datamill.errors import SpecError
 RAY_EXTRA = "executor: ray needs Ray: pip install 'datamill[ray]'"
 
 
-def _timed(fn: Callable, shard: Any) -> tuple[Any, float]:
-    start = time.perf_counter()
-    result = fn(shard)
-    return result, time.perf_counter() - start
+Setup = dict[str, Callable[[], Any]]
 
 
-def _remote(fn: Callable, shard: Any, torch_threads: int | None) -> tuple[Any, float]:
+def _built(setup: Setup | None) -> dict:
+    return {name: factory() for name, factory in (setup or {}).items()}
+
+
+def _remote(fn: Callable, shard: Any, torch_threads: int | None, setup: Setup | None = None,
+            emits: bool = False) -> tuple[Any, float, list]:
     """A shard in a Ray worker, with this process's torch thread count: torch's CPU kernels split
     their sums by thread, so the count decides the last bits of a result, and Ray starts a
     1-CPU task with one thread. (Set the executor's `num_cpus` to match, or Ray oversubscribes.)"""
@@ -44,7 +57,12 @@ def _remote(fn: Callable, shard: Any, torch_threads: int | None) -> tuple[Any, f
             sys.modules["torch"].set_num_threads(torch_threads)
         else:  # read when the shard imports torch; importing it here would slow torch-free shards
             os.environ["OMP_NUM_THREADS"] = str(torch_threads)
-    return _timed(fn, shard)
+    start = time.perf_counter()
+    kwargs, emitted = _built(setup), []  # in the task: the setup is part of the shard's time, as locally
+    if emits:
+        kwargs["emit"] = emitted.append
+    result = fn(shard, **kwargs)
+    return result, time.perf_counter() - start, emitted
 
 
 class LocalShards:
@@ -54,14 +72,27 @@ class LocalShards:
     def __init__(self) -> None:
         self.seconds: list[float] = []
 
-    def map(self, fn: Callable, shards: list, on_done: Callable[[int, Any], None] | None = None) -> list:
-        """fn(shard) for every shard; results in shard order. `on_done(i, result)` runs here, in
-        the calling process, as each shard finishes (e.g. to save its results at once)."""
-        results = []
+    @property
+    def cpus_per_shard(self) -> int:
+        """Threads a shard may use: every core here (shards run one after the other)."""
+        return os.cpu_count() or 1
+
+    def map(self, fn: Callable, shards: list, on_done: Callable[[int, Any], None] | None = None, *,
+            setup: Setup | None = None, on_emit: Callable[[int, Any], None] | None = None) -> list:
+        """fn(shard, **resources) for every shard; results in shard order. `setup`: the resources,
+        {keyword: zero-argument factory}, built here once, on the first shard, for all of them
+        (module docstring). `on_done(i, result)` runs here, in the calling process, as each shard
+        finishes (e.g. to save its results at once); `on_emit(i, value)` as shard i emits a value
+        (fn gets `emit=` then)."""
+        results, resources = [], None
         for i, shard in enumerate(shards):
-            result, seconds = _timed(fn, shard)
+            start = time.perf_counter()
+            if resources is None:
+                resources = _built(setup)
+            kwargs = {**resources, "emit": functools.partial(on_emit, i)} if on_emit else resources
+            result = fn(shard, **kwargs)
             results.append(result)
-            self.seconds.append(seconds)
+            self.seconds.append(time.perf_counter() - start)
             if on_done:
                 on_done(i, result)
         return results
@@ -71,9 +102,11 @@ class LocalShards:
         return nullcontext()
 
     def slices(self, items: list, *, minimum: int = 1, align: int = 1) -> list[list]:
-        """`items` cut into consecutive slices, about four per worker (stragglers even out), each
-        at least `minimum` long and a multiple of `align` (e.g. whole batches), in order."""
-        size = max(minimum, -(-len(items) // (4 * self.workers)))
+        """`items` cut into consecutive slices, about four per worker when there are several
+        (stragglers even out; one worker runs them one after the other: one slice), each at least
+        `minimum` long and a multiple of `align` (e.g. whole batches), in order."""
+        pieces = 4 * self.workers if self.workers > 1 else 1
+        size = max(minimum, -(-len(items) // pieces))
         size = -(-size // align) * align
         return [items[i:i + size] for i in range(0, len(items), size)]
 
@@ -125,11 +158,19 @@ class RayShards(LocalShards):
     def workers(self) -> int:
         return max(1, int(self.ray.cluster_resources().get("CPU", 1) // self.num_cpus))
 
-    def map(self, fn: Callable, shards: list, on_done: Callable[[int, Any], None] | None = None) -> list:
+    @property
+    def cpus_per_shard(self) -> int:
+        """Threads a shard may use: the CPUs Ray gives its task."""
+        return max(1, int(self.num_cpus))
+
+    def map(self, fn: Callable, shards: list, on_done: Callable[[int, Any], None] | None = None, *,
+            setup: Setup | None = None, on_emit: Callable[[int, Any], None] | None = None) -> list:
+        """As `LocalShards.map`, each shard a Ray task that builds `setup` itself; its emitted
+        values come back with its result."""
         task = self.ray.remote(_remote).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
                                                 max_retries=self.max_retries)
         threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
-        refs = [task.remote(fn, shard, threads) for shard in shards]
+        refs = [task.remote(fn, shard, threads, setup, on_emit is not None) for shard in shards]
         index = {ref: i for i, ref in enumerate(refs)}
         results: list = [None] * len(refs)
         pending = list(refs)
@@ -137,8 +178,10 @@ class RayShards(LocalShards):
             with self.released():
                 ready, pending = self.ray.wait(pending, num_returns=1)
             i = index[ready[0]]
-            results[i], seconds = self.ray.get(ready[0])
+            results[i], seconds, emitted = self.ray.get(ready[0])
             self.seconds.append(seconds)
+            for value in emitted:
+                on_emit(i, value)
             if on_done:
                 on_done(i, results[i])
         return results

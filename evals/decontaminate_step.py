@@ -27,7 +27,6 @@ Stats (and so MLflow): `rows_in`, `contaminated`, `kept`, `eval_instances`, `fla
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -208,10 +207,8 @@ class DecontaminateStep(Step):
         cut = np.searchsorted(segments["row"].to_numpy(), [a for a, _ in bounds] + [table.height])
         shards = [segments.slice(int(cut[i]), int(cut[i + 1] - cut[i])) for i in range(len(bounds))]
         # threads in a shard: all cores here, a Ray task's CPUs there
-        local = ctx.shards.kind == "local"
-        workers = (os.cpu_count() or 1) if local else max(1, int(getattr(ctx.shards, "num_cpus", 1)))
         run_shard = functools.partial(scan_shard, index=index, threshold=cfg.threshold, match=cfg.match,
-                                      workers=workers)
+                                      workers=ctx.shards.cpus_per_shard)
         with progress.bar(f"{ctx.name}: decontaminate", total=table.height, unit="rows") as bar:
             parts = ctx.shards.map(run_shard, shards, on_done=lambda i, _: bar.advance(bounds[i][1] - bounds[i][0]))
         found = Matches.concat(parts)

@@ -179,9 +179,9 @@ class EvaluateStep(Step):
 
         cfg = self.config
         # The work in units that do not depend on each other: each entry of `tasks` (a task or a
-        # group) and each self-supervised metric. Locally they share one loaded model; on a Ray
-        # executor each unit is a Ray task that loads the model itself (on a GPU worker with
-        # `executor.num_gpus`). A unit's results are the same either way: lm-eval runs each entry
+        # group) and each self-supervised metric. Locally they share one loaded model (the shards'
+        # `setup`); on a Ray executor each unit is a Ray task that loads the model itself (on a GPU
+        # worker with `executor.num_gpus`). A unit's results are the same either way: lm-eval runs each entry
         # with the same seeds, alone (lm-eval batches the requests of tasks run together, and
         # other padding changes the last bits of a log-likelihood).
         units = [("task", name) for name in cfg.tasks] + [("byod", metric) for metric in cfg.self_supervised]
@@ -193,13 +193,10 @@ class EvaluateStep(Step):
                                      include_paths=[str(p) for p in self._include_paths(ctx.env.base_dir)],
                                      task_dir=str(Path(ctx.shared_dir) / "lm_eval_tasks"), corpus=corpus,
                                      model_path=model_path)
-        if ctx.shards.kind == "local":
-            from evals.harness import hf_model
+        from evals.harness import hf_model
 
-            lm = hf_model(model_path, device=cfg.device, batch_size=cfg.batch_size)
-            parts = ctx.shards.map(functools.partial(run_unit, lm=lm, label=ctx.name), units)
-        else:
-            parts = ctx.shards.map(run_unit, units)
+        load = functools.partial(hf_model, model_path, device=cfg.device, batch_size=cfg.batch_size)
+        parts = ctx.shards.map(functools.partial(run_unit, label=ctx.name), units, setup={"lm": load})
         samples, metrics, results, commands = [], {}, {}, {}
         for part in parts:
             samples += part["samples"]

@@ -10,29 +10,41 @@ import numpy as np
 def zipfit(candidates: list[str], targets: list[str], *, level: int = 9, mode: str = "exact",
            workers: int | None = None, progress=None, shards=None) -> np.ndarray:
     """ZIP-FIT: gzip-based alignment with the targets (selection/zipfit.py); `mode`: exact | fast.
-    On a Ray executor the candidates are scored in slices, one Ray task each (a candidate's
-    score does not depend on the others, so the scores are the same)."""
-    from selection.zipfit import zipfit_scores
-
-    if shards is None or shards.kind == "local":
-        return zipfit_scores(candidates, targets, level=level, mode=mode, workers=workers, progress=progress)
-    return _sliced(shards, functools.partial(_zipfit_slice, targets=targets, level=level, mode=mode),
+    The candidates are scored in slices, the executor's shards (one Ray task each on Ray; a
+    candidate's score does not depend on the others, so the scores are those of one pass), each
+    in `workers` threads or processes (at most the shard's CPUs; default: all of them)."""
+    cpus = _runner(shards).cpus_per_shard
+    return _sliced(shards, functools.partial(_zipfit_slice, targets=targets, level=level, mode=mode,
+                                             workers=min(workers, cpus) if workers else cpus),
                    candidates, progress=progress)
+
+
+def _runner(shards):
+    from datamill.shards import LocalShards
+
+    return LocalShards() if shards is None else shards
 
 
 def _sliced(shards, fn, items: list, *, align: int = 1, progress=None) -> np.ndarray:
     """`fn` over slices of `items` (at least 256: a task must be worth its scheduling) as the
-    executor's shards, the results concatenated in order."""
-    results = shards.map(fn, shards.slices(items, minimum=256, align=align))
-    if progress:
-        progress(len(items))
-    return np.concatenate(results) if results else np.zeros(0)
+    executor's shards (here, one after the other, without `shards`), the results concatenated
+    in order."""
+    shards = _runner(shards)
+    slices = shards.slices(items, minimum=256, align=align) or [items]  # none: fn says what empty is
+    return np.concatenate(shards.map(fn, slices, on_emit=(lambda _, n: progress(n)) if progress else None))
 
 
-def _zipfit_slice(candidates: list[str], *, targets: list[str], level: int, mode: str) -> np.ndarray:
+def _zipfit_slice(candidates: list[str], *, targets: list[str], level: int, mode: str, workers: int,
+                  emit=None) -> np.ndarray:
     from selection.zipfit import zipfit_scores
 
-    return zipfit_scores(candidates, targets, level=level, mode=mode, workers=1)
+    return zipfit_scores(candidates, targets, level=level, mode=mode, workers=workers, progress=emit)
+
+
+def _embed_slice(texts: list[str], *, folder, batch_size: int, emit=None) -> np.ndarray:
+    from selection.density import embed
+
+    return embed(texts, folder, batch_size=batch_size, progress=emit)
 
 
 def random_scores(candidates: list[str], targets: list[str], *, seed: int = 0) -> np.ndarray:
@@ -60,25 +72,22 @@ def density(candidates: list[str], targets: list[str], *, model_dir=None, bandwi
             progress=None, shards=None) -> np.ndarray:
     """Log density of each candidate under a Gaussian KDE of the targets' embeddings
     (selection/density.py); the step's `model` (if set) embeds instead of all-MiniLM-L6-v2.
-    On a Ray executor the candidates are embedded in slices of whole batches, one Ray task each
-    (the same batches as in one pass, so the same embeddings)."""
+    The candidates are embedded in slices of whole batches, the executor's shards (one Ray task
+    each on Ray; the same batches as in one pass, so the same embeddings)."""
     from selection.density import embed, log_density_of, minilm_folder
 
     folder = model_dir or minilm_folder()
-    if shards is None or shards.kind == "local":
-        embedded = embed(candidates, folder, batch_size=batch_size, progress=progress)
-    else:
-        embedded = _sliced(shards, functools.partial(embed, folder=folder, batch_size=batch_size), candidates,
-                           align=batch_size, progress=progress)
+    embedded = _sliced(shards, functools.partial(_embed_slice, folder=folder, batch_size=batch_size), candidates,
+                       align=batch_size, progress=progress)
     return log_density_of(embedded, embed(targets, folder, batch_size=batch_size), bandwidth)
 
 
 def less(candidates: list[str], targets: list[str], **context_and_params) -> np.ndarray:
     """LESS: warm up LoRA on a slice of the pool, then score candidates by the lr-weighted cosine
     of their Adam-aware gradients with the targets' gradients. Its params and defaults are
-    `run_less`'s (selection/less_method.py). Needs the step's `model`. On a Ray executor the
-    candidates' gradient features are computed in slices, one Ray task each (aligned to the
-    batches and projection chunks of one pass, so the scores are the same)."""
+    `run_less`'s (selection/less_method.py). Needs the step's `model`. The candidates' gradient
+    features are computed in slices, the executor's shards (one Ray task each on Ray; aligned to
+    the batches and projection chunks of one pass, so the scores are the same)."""
     from selection.less_method import run_less
 
     context_and_params.pop("work_dir", None)  # LESS keeps its datastore in cache_dir

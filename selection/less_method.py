@@ -41,8 +41,8 @@ def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, se
              candidate_gradient: str = "adam", shards=None) -> np.ndarray:
     """Scores of the `less` method. Defaults follow LESS (4 epochs, lr 2e-5, 5% warmup slice,
     8192 dims) except the LoRA rank (8, alpha 32: the reference's 128/512 is slow on a CPU).
-    `shards`: the step's shard runner; unless local, the candidates' features are computed in
-    shards (see the module docstring).
+    `shards`: the step's shard runner, which computes the candidates' features in shards (see the
+    module docstring; without it, here, one after the other).
 
     aggregate: how a candidate's lr-weighted cosines with the targets become one score.
         "mean" (default): the mean over all targets (LESS with a single target task).
@@ -95,14 +95,12 @@ def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, se
             adam = candidate_gradient == "adam"
             # decided here, once: the slices are aligned to it and every shard projects alike
             every = projection_every(batch_size, gradient_width(model, names))
-            if shards is None or shards.kind == "local":
-                feats = features(model, pool_examples, names, moments if adam else None, proj_dim, seed,
-                                 batch_size=batch_size, every=every, progress=step)
-            else:
-                shard = functools.partial(_checkpoint_features, model_dir=str(model_dir), lora=lora,
-                                          state_path=str(state["path"]), adam=adam, dim=proj_dim, seed=seed,
-                                          batch_size=batch_size, every=every)
-                feats = _sharded_features(shards, shard, pool_examples, align=every * batch_size, progress=step)
+            shard = functools.partial(_checkpoint_features, adam=adam, dim=proj_dim, seed=seed,
+                                      batch_size=batch_size, every=every)
+            load = functools.partial(_load_checkpoint, model_dir=str(model_dir), lora=lora,
+                                     state_path=str(state["path"]))
+            feats = _sharded_features(shards, shard, pool_examples, align=every * batch_size,
+                                      setup={"checkpoint": load}, progress=step)
             _save_npy(cached, feats)
         cand_feats.append(feats)
         target_feats.append(features(model, target_examples, names, None, proj_dim, seed, batch_size=batch_size))
@@ -146,31 +144,41 @@ def _subtask_groups(aggregate: str, group_column: str | None, target_rows, n_tar
 SHARD_MINIMUM = 64  # examples: a shard loads the model, it must have work enough to be worth it
 
 
-def _sharded_features(shards, shard, examples, *, align: int, progress=None) -> np.ndarray:
-    """`features` of `examples` through the executor: `shard(slice)` over consecutive slices of
-    their length order (`features`' batching order) whose lengths are multiples of `align`, so
-    that each slice's batches and projection chunks are those of one pass."""
+def _sharded_features(shards, shard, examples, *, align: int, setup: dict | None = None, progress=None) -> np.ndarray:
+    """`features` of `examples` through the executor (here, one after the other, without
+    `shards`): `shard(slice, **setup)` over consecutive slices of their length order (`features`'
+    batching order) whose lengths are multiples of `align`, so that each slice's batches and
+    projection chunks are those of one pass."""
+    from datamill.shards import LocalShards
     from selection.less import in_input_order, length_order
 
+    shards = LocalShards() if shards is None else shards
     order = length_order(examples)
     slices = shards.slices([examples[i] for i in order], minimum=SHARD_MINIMUM, align=align)
-    done = (lambda i, rows: progress(len(rows))) if progress else None
-    return in_input_order(np.concatenate(shards.map(shard, slices, on_done=done)), order)
+    done = (lambda _, n: progress(n)) if progress else None
+    return in_input_order(np.concatenate(shards.map(shard, slices, setup=setup, on_emit=done)), order)
 
 
-def _checkpoint_features(examples, *, model_dir: str, lora: dict, state_path: str, adam: bool, dim: int, seed: int,
-                         batch_size: int, every: int) -> np.ndarray:
-    """One shard: the features of `examples` (already in batching order) under a warmup
-    checkpoint, loaded here (a Ray task ships this call, not a model)."""
-    import torch
-
-    from selection.less import load_checkpoint_model, sorted_features
+def _load_checkpoint(*, model_dir: str, lora: dict, state_path: str) -> tuple:
+    """A warmup checkpoint's model and Adam moments, loaded where the shards run (a Ray task
+    ships this call, not a model); on a GPU worker (executor num_gpus), on the GPU: the same
+    features up to float rounding."""
+    from datamill.devices import resolve_device
+    from selection.less import load_checkpoint_model
 
     model, moments = load_checkpoint_model(Path(model_dir), lora, Path(state_path))
-    if torch.cuda.is_available():  # a GPU worker (executor num_gpus): equal up to float rounding
-        model = model.to("cuda")
+    return model.to(resolve_device()), moments  # the GPU when there is one
+
+
+def _checkpoint_features(examples, *, checkpoint: tuple, adam: bool, dim: int, seed: int, batch_size: int,
+                         every: int, emit=None) -> np.ndarray:
+    """One shard: the features of `examples` (already in batching order) under a warmup
+    checkpoint, `(model, moments)` from `_load_checkpoint`."""
+    from selection.less import sorted_features
+
+    model, moments = checkpoint
     return sorted_features(model, examples, sorted(moments), moments if adam else None, dim, seed,
-                           batch_size=batch_size, every=every)
+                           batch_size=batch_size, every=every, progress=emit)
 
 
 def _conversations(table, texts: list[str]):

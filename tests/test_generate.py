@@ -532,3 +532,13 @@ def test_requests_in_executor_shards_write_the_table_of_one_pass(spec_dir, fake,
         assert pl.read_parquet(sharded.tables[table]).equals(pl.read_parquet(plain.tables[table])), table
     # the request cache got every result once: a re-run with a larger n sends only the new ones
     assert len(shard_lines(other / ".datamill" / "gen")) == 40
+
+
+def test_backend_counters_of_the_shards_are_merged_once_per_backend():
+    from datagen.generate_step import merge_backend_counters
+
+    shared = {"batches": 3, "peak_in_flight": 8}  # one local backend, returned by each of its shards
+    assert merge_backend_counters([shared, shared]) == {"batches": 3, "peak_in_flight": 8}
+    # a backend per Ray task: counts add up, peaks do not
+    assert merge_backend_counters([{"batches": 3, "peak_in_flight": 8}, {"batches": 2, "peak_in_flight": 5}]) == {
+        "batches": 5, "peak_in_flight": 8}

@@ -53,6 +53,42 @@ def test_density_in_slices_gives_the_scores_of_one_pass():
     np.testing.assert_array_equal(sliced, density(candidates, targets, batch_size=16))
 
 
+def test_setup_is_built_once_for_all_local_shards_and_emitted_values_arrive_at_once():
+    import functools
+
+    built, seen = [], []
+
+    def make_model(name):
+        built.append(name)
+        return {"name": name}
+
+    def shard(items, *, model, emit):
+        for x in items:
+            emit(x)
+            assert seen[-1][1] == x  # delivered here before emit returns
+        return [f"{model['name']}:{x}" for x in items]
+
+    shards = LocalShards()
+    done = []
+    out = shards.map(shard, [[1, 2], [3], [4, 5]], on_done=lambda i, r: done.append(i),
+                     setup={"model": functools.partial(make_model, "m")}, on_emit=lambda i, x: seen.append((i, x)))
+    assert out == [["m:1", "m:2"], ["m:3"], ["m:4", "m:5"]]
+    assert built == ["m"]  # once per map, not per shard
+    assert seen == [(0, 1), (0, 2), (1, 3), (2, 4), (2, 5)] and done == [0, 1, 2]
+    assert shards.map(shard, [], setup={"model": functools.partial(make_model, "n")}, on_emit=print) == []
+    assert built == ["m"]  # lazily: no shard, no setup
+    assert shards.map(lambda x: x * 2, [1, 2]) == [2, 4]  # no setup: fn(shard)
+    assert len(shards.seconds) == 5
+
+
+def test_one_local_worker_runs_one_slice_several_run_four_each():
+    items = list(range(100))
+    assert LocalShards().slices(items) == [items]  # one after the other: cutting gains nothing
+    assert len(SlicingShards().slices(items)) == 12
+    assert [len(s) for s in SlicingShards().slices(items, minimum=30, align=8)] == [32, 32, 32, 4]
+    assert LocalShards().cpus_per_shard == (os.cpu_count() or 1)
+
+
 def test_the_select_step_reports_its_executor_and_shards(write_spec):
     result = datamill.run(write_spec(SPEC))
     stats = result.points[0].steps["pick"].stats
@@ -94,6 +130,34 @@ def test_the_same_spec_on_ray_writes_byte_identical_tables(write_spec, ray_clust
         a = local.workspace.table_path(local.points[0].plan.by_name("pick").key, side).read_bytes()
         b = on_ray.workspace.table_path(on_ray.points[0].plan.by_name("pick").key, side).read_bytes()
         assert a == b, side
+
+
+@pytest.mark.slow
+def test_on_ray_each_task_builds_its_setup_and_emitted_values_come_back(tmp_path, ray_cluster):
+    import functools
+
+    from datamill.shards import RayShards
+
+    def make_model(folder):  # defined here: Ray ships it by value (workers cannot import tests/)
+        import uuid
+
+        (Path(folder) / uuid.uuid4().hex).write_text(str(os.getpid()))
+        return {"pid": os.getpid()}
+
+    def shard(items, *, model, emit):
+        for x in items:
+            emit(x * 10)
+        return [x + 1 for x in items]
+
+    seen = []
+    shards = RayShards()
+    assert shards.cpus_per_shard == 1
+    out = shards.map(shard, [[1, 2], [3], [4]], setup={"model": functools.partial(make_model, str(tmp_path))},
+                     on_emit=lambda i, x: seen.append((i, x)))
+    assert out == [[2, 3], [4], [5]]
+    assert len(list(tmp_path.iterdir())) == 3  # once per task
+    assert sorted(seen) == [(0, 10), (0, 20), (1, 30), (2, 40)]
+    assert [x for i, x in seen if i == 0] == [10, 20]  # a shard's values in the order it emitted them
 
 
 @pytest.mark.slow
