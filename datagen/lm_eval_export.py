@@ -245,7 +245,7 @@ def export_lm_eval_tasks(out_dir: Path, families: list[str] | None = None, n: in
             "metadata": meta,
         })
         names += [mc, exact]
-        # the family's name alone runs both (DESIGN's `datamill_arithmetic`)
+        # the family's name alone runs both (`tasks: [datamill_arithmetic]`)
         _write_yaml(out_dir / f"datamill_{family}.yaml", {"group": f"datamill_{family}", "task": [mc, exact],
                                                           "metadata": {"version": 2.0}})
     return names

@@ -11,6 +11,8 @@ A registry knows three sources of names:
     [project.entry-points."datamill.steps"]
     generate = "datagen.generate_step:GenerateStep"
 
+How to add each kind of extension, with a tested example: docs/EXTENDING.md.
+
 Unknown names get a "did you mean" and the list of names; a plugin that fails to import is
 reported as such when used, and left out of `names()` so it breaks nothing else. Spec fields
 that name an entry are `str`s typed with `reg.name_type()`: validated against the registry

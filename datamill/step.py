@@ -3,8 +3,9 @@
 A step kind is a small class (after datatrove's PipelineStep): a pydantic `Config`, the
 tables/models/files it reads, and one `run(ctx)`. Core steps live in `datamill/steps/`;
 stage packages register theirs through the `datamill.steps` entry-point group
-(see `datamill/registry.py`). Heavy imports (torch, transformers) belong inside `run`,
-never at module import: the spec is validated and planned without them.
+(see `datamill/registry.py`; a recipe with a tested example: docs/EXTENDING.md). Heavy imports
+(torch, transformers) belong inside `run`, never at module import: the spec is validated and
+planned without them.
 """
 
 from __future__ import annotations

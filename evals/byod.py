@@ -4,7 +4,8 @@ likelihoods react to controlled changes of ordinary text, with no labels.
     from evals.byod import run_metric
     rows, summary = run_metric("negation", model, tokenizer, texts)
 
-Metrics (ALGORITHMS.md section 5; `summary["score"]` is the number BYOD reports):
+Metrics (the reference's behaviour, read from neelsjain/BYOD@e737ad1; `summary["score"]` is the number BYOD reports;
+add one with `@register_metric`, see docs/EXTENDING.md):
 - negation        insert " not" after the first " is"/" was"/" are"/" were" of a sentence;
                   score = mean over sentences of CE(negated) - CE(original) (mean token NLL of
                   the whole sentence, <= 128 tokens). A model that knows facts finds negations

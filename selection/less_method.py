@@ -26,11 +26,11 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
+from datamill.atomic import write_atomic
 from datamill.hashing import hash_obj
 
 
@@ -101,7 +101,7 @@ def run_less(candidates, targets, *, rows, target_rows, model_dir, cache_dir, se
                                      state_path=str(state["path"]))
             feats = _sharded_features(shards, shard, pool_examples, align=every * batch_size,
                                       setup={"checkpoint": load}, progress=step)
-            _save_npy(cached, feats)
+            write_atomic(cached, lambda tmp: np.save(tmp, feats))
         cand_feats.append(feats)
         target_feats.append(features(model, target_examples, names, None, proj_dim, seed, batch_size=batch_size))
         lrs.append(state["mean_lr"])
@@ -204,17 +204,5 @@ def _warmup(fine_tune, model_dir, convs, loss_on, store: Path, lora: dict, *, se
                        seed=seed, loss_on=loss_on, epoch_checkpoints=True, checkpoint_every=None,
                        save="adapter")  # features read the epoch states: a merged copy would be 517 MB of SmolLM2 unused
     states = result["epoch_states"]
-    _write_atomic(done, json.dumps(states))
+    write_atomic(done, json.dumps(states))
     return states
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

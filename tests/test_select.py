@@ -217,7 +217,9 @@ def test_kde_log_density_on_a_2d_toy_with_a_known_answer():
         bandwidth_for(data, "silverman-ish")
 
 
-@pytest.mark.parametrize("family", ["arithmetic", "capitals", "code"])
+# ~12 s each (the embedder): one family in the default suite, the others in the slow one
+@pytest.mark.parametrize("family", [pytest.param("arithmetic", marks=pytest.mark.slow), "capitals",
+                                    pytest.param("code", marks=pytest.mark.slow)])
 def test_density_finds_the_target_family(write_spec, family):
     result = run(make_testbed(write_spec, family, "density"))
     assert result.points[-1].steps["pick"].stats["target_family_precision"] >= 0.8
