@@ -128,15 +128,9 @@ class DecontaminateStep(Step):
         return clean
 
     def check(self, env) -> None:
-        from datamill.user_code import outside_allowed_folders
-        from evals.harness import task_index
+        from evals.harness import checked_task_folders, task_index
 
-        for i, folder in enumerate(self._include_paths(env.base_dir)):
-            if not folder.is_dir():
-                raise FieldError(("include_path", i), f"task folder not found: {folder}")
-            refused = outside_allowed_folders(folder, env)
-            if refused:
-                raise FieldError(("include_path", i), refused)
+        checked_task_folders(self.config.include_path, env)
         tasks = self.resolved_tasks(env)
         if not tasks and not self.config.tables:
             raise FieldError(("tasks",), "no eval tasks to decontaminate against: no evaluate step of this spec "

@@ -107,16 +107,9 @@ class EvaluateStep(Step):
         return {name: folders for name in self.config.tasks}
 
     def check(self, env) -> None:
-        from evals.harness import task_index
+        from evals.harness import checked_task_folders, task_index
 
-        from datamill.user_code import outside_allowed_folders
-
-        for i, folder in enumerate(self._include_paths(env.base_dir)):
-            if not folder.is_dir():
-                raise FieldError(("include_path", i), f"task folder not found: {folder}")
-            refused = outside_allowed_folders(folder, env)
-            if refused:
-                raise FieldError(("include_path", i), refused)
+        checked_task_folders(self.config.include_path, env)
         if self.config.lm_eval_defaults:
             return  # lm-eval checks built-in names when it runs
         known = task_index(self._include_paths(env.base_dir))

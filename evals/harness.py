@@ -143,6 +143,23 @@ def resolved_task_folder(folder: Path, copy: Path, points_to: Path | None = None
     return copy
 
 
+def checked_task_folders(include_path: list[str], env) -> list:
+    """A step's `include_path` folders, resolved against the spec's folder, each an existing folder
+    inside the spec's folder or its `code:` folders (a task YAML can run Python through
+    `!function`): FieldError at the entry otherwise."""
+    from datamill.errors import FieldError
+    from datamill.user_code import outside_allowed_folders
+
+    folders = [(Path(env.base_dir) / p).resolve() for p in include_path]
+    for i, folder in enumerate(folders):
+        if not folder.is_dir():
+            raise FieldError(("include_path", i), f"task folder not found: {folder}")
+        refused = outside_allowed_folders(folder, env)
+        if refused:
+            raise FieldError(("include_path", i), refused)
+    return folders
+
+
 def hf_model_args(path, device: str = "auto") -> tuple[dict, str]:
     """The arguments of lm-eval's HFLM for a local folder (what the `lm_eval` CLI's --model_args
     takes) and the device ("auto": cuda when there is one): a full model, or a LoRA adapter
