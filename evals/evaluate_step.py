@@ -160,7 +160,8 @@ class EvaluateStep(Step):
         path = Path(out_dir) / "tables" / "main.parquet"
         if not path.is_file():
             return {}
-        table = pl.read_parquet(path)
+        wanted = ["task", "doc_id", "metric", "score", "contaminated"]  # not the prompts and generations
+        table = pl.read_parquet(path, columns=[c for c in wanted if c in pl.read_parquet_schema(path)])
         scores = _example_scores(table)
         if "contaminated" in table.columns:
             clean = table.filter(pl.col("contaminated") == False)  # noqa: E712 (null: not a question)
