@@ -202,13 +202,15 @@ def test_goldfish_is_training_only(tiny, tokenizer):
     """The eval loss sees every assistant token: it equals the plain cross-entropy of the model."""
     from train.config import TrainConfig
     from train.data import encode
-    from train.loop import _training_labels, evaluate_loss
+    from train.loop import Data, _training_labels, evaluate_loss
 
     examples = [encode(tokenizer, CONVERSATION, "assistant", 256)]
     cfg = TrainConfig(model="m", data="d", goldfish={"k": 2, "h": 2})
     assert _training_labels(cfg, examples)[0] != examples[0].labels  # training drops tokens
     model = load_model(tiny)
-    got = evaluate_loss(model, [[[0]]], examples, pad_id=0, packed=False, max_len=256)
+    data = Data(examples, _training_labels(cfg, examples), train_idx=[], eval_idx=[0], pad_id=0, packed=False,
+                max_len=256)
+    got = evaluate_loss(model, [[[0]]], data)
     ids = torch.tensor([examples[0].input_ids])
     with torch.no_grad():
         expected = model(input_ids=ids, labels=torch.tensor([examples[0].labels])).loss.item()

@@ -22,8 +22,9 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from datamill.atomic import replace_folder, write_atomic
 from datamill.devices import has_bf16
@@ -57,6 +58,44 @@ class Plan:
     steps: list[list[list[list[int]]]]
     epoch_of_step: list[int]  # epoch that the step's last micro-batch belongs to
     packed: bool
+
+
+@dataclass
+class Data:
+    """The tokenised examples, which of them train and which evaluate, and how a micro-batch of
+    them becomes tensors."""
+
+    examples: list[Example]
+    train_labels: list[list[int]]  # what training takes its loss on (goldfish drops applied)
+    train_idx: list[int]
+    eval_idx: list[int]
+    pad_id: int
+    packed: bool
+    max_len: int
+
+    def tensors(self, micro_batch: list[list[int]], device, training: bool = True) -> dict:
+        """A micro-batch's tensors on `device`; evaluation takes its loss on every labelled token."""
+        labels = self.train_labels if training else [e.labels for e in self.examples]
+        return {k: v.to(device) for k, v in collate(micro_batch, self.examples, labels, packed=self.packed,
+                                                    pad_id=self.pad_id, row_len=self.max_len).items()}
+
+
+@dataclass
+class Run:
+    """What one run works with, built once in `train` and handed whole to the helpers below."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    model: Any  # as Accelerate prepared it (DDP-wrapped on several processes)
+    optimizer: Any
+    scheduler: Any
+    data: Data
+    plan: Plan
+    select: Any  # _LossPositions
+    state_dir: Path
+    history: list[dict] = field(default_factory=list)
+    # This process's optimizer-step time and tokens, for the summary's throughput.
+    totals: dict = field(default_factory=lambda: {"seconds": 0.0, "tokens": 0, "loss_tokens": 0})
 
 
 def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
@@ -93,13 +132,14 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.to(accelerator.device)
     packed = _use_packing(cfg, model, accelerator.device)
+    data = Data(examples, train_labels, train_idx, eval_idx, pad_id, packed, cfg.max_len)
     select = _LossPositions(model)  # logits only where a loss is taken, when the model allows it
 
     params = list(model.parameters())
     param_counts = {"trainable_params": sum(p.numel() for p in params if p.requires_grad),
                     "total_params": sum(p.numel() for p in params)}
-    plan = _plan(cfg, examples, train_idx, tables, packed, world)
-    eval_batches = _eval_batches(cfg, examples, eval_idx, packed)
+    plan = _plan(cfg, data, tables, world)
+    eval_batches = _eval_batches(cfg, data)
     total_steps = len(plan.steps)
 
     # --- 4. Optimizer and schedule ---
@@ -113,13 +153,13 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
     scheduler = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    run = Run(cfg, accelerator, model, optimizer, scheduler, data, plan, select, state_dir)
 
     # --- 5. Resume from the last checkpoint, if a killed run left one ---
-    history: list[dict] = []
     start_step = 0
     checkpoint = _latest_checkpoint(state_dir)
     if checkpoint is not None:
-        start_step, history = _load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+        start_step = _load_checkpoint(run, checkpoint)
         if accelerator.is_main_process:
             progress.console().print(f"  resuming {progress_desc} at step {start_step}/{total_steps} "
                                      f"from {checkpoint.name}")
@@ -136,7 +176,6 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
     eval_steps = _eval_steps(cfg, plan, bool(eval_batches))
     # Throughput counts the time of optimizer steps only, not evals or checkpoints in between.
     timer_seconds, timer_tokens, timer_loss_tokens = 0.0, 0, 0
-    totals = {"seconds": 0.0, "tokens": 0, "loss_tokens": 0}  # this process's steps, for the summary
     model.train()
     with neftune_ctx as noise, progress.bar(progress_desc, total=total_steps, unit="steps") as bar:
         bar.advance(start_step)
@@ -153,9 +192,7 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
             loss_sum = torch.zeros((), device=accelerator.device)
             slots = tokens = 0
             for i, mb in enumerate(mine):
-                batch = {k: v.to(accelerator.device) for k, v in
-                         collate(mb, examples, train_labels, packed=plan.packed, pad_id=pad_id,
-                                 row_len=cfg.max_len).items()}
+                batch = data.tensors(mb, accelerator.device)
                 if noise is not None:
                     noise.set_batch(batch["seq_len"])
                 sync = accelerator.no_sync(model) if i < len(mine) - 1 else nullcontext()
@@ -186,7 +223,7 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
             timer_loss_tokens += step_loss_tokens
             for key, value in (("seconds", time.monotonic() - step_start), ("tokens", tokens),
                                ("loss_tokens", step_loss_tokens)):
-                totals[key] += value
+                run.totals[key] += value
             done = step + 1
             row = {"step": done, "epoch": plan.epoch_of_step[step], "loss": loss_sum / max(step_loss_tokens, 1),
                    "lr": step_lr, "grad_norm": grad_norm,
@@ -196,19 +233,16 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
                 row.update(tokens_per_s=timer_tokens / elapsed, loss_tokens_per_s=timer_loss_tokens / elapsed)
                 timer_seconds, timer_tokens, timer_loss_tokens = 0.0, 0, 0
             if done in eval_steps:
-                row["eval_loss"] = evaluate_loss(model, eval_batches, examples, pad_id, plan.packed, cfg.max_len,
-                                                 accelerator, select)
+                row["eval_loss"] = evaluate_loss(model, eval_batches, data, accelerator, select)
                 model.train()
-            history.append(row)
+            run.history.append(row)
             if log is not None and accelerator.is_main_process and (done % cfg.log_every == 0 or "eval_loss" in row
                                                                     or done == total_steps):
                 log({k: v for k, v in row.items() if k != "step"}, done)
             if cfg.epoch_checkpoints and _epoch_ends(plan, step):
-                _save_epoch_state(state_dir / "epochs" / f"epoch-{plan.epoch_of_step[step] + 1}", accelerator,
-                                  model, optimizer, history, plan.epoch_of_step[step])
+                _save_epoch_state(run, plan.epoch_of_step[step])
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps:
-                _save_checkpoint(state_dir, done, accelerator, model, optimizer, scheduler, history,
-                                 keep=cfg.keep_checkpoints)
+                _save_checkpoint(run, done)
     select.remove()
 
     # --- 7. Save the final model (an HF folder), the log, the per-epoch states ---
@@ -218,11 +252,10 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
         with _quiet_libraries():
             _save_model(cfg, accelerator.unwrap_model(model), tokenizer, out_dir / "model",
                         _declared_dtype(job.model_dir))
-        _write_jsonl(out_dir / "log.jsonl", history)
+        _write_jsonl(out_dir / "log.jsonl", run.history)
         if (state_dir / "epochs").is_dir():
             shutil.copytree(state_dir / "epochs", out_dir / "epochs", dirs_exist_ok=True)
-        summary = _summary(cfg, history, examples, train_labels, train_idx, eval_idx, packed, select,
-                           total_steps, time.monotonic() - started, accelerator, start_step, totals) | param_counts
+        summary = _summary(run, time.monotonic() - started, start_step) | param_counts
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
@@ -332,21 +365,19 @@ def _same_logits(a, b, model) -> bool:
     return bool(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol))
 
 
-def evaluate_loss(model, batches, examples, pad_id, packed, max_len, accelerator=None, select=None) -> float:
+def evaluate_loss(model, batches, data: Data, accelerator=None, select=None) -> float:
     """Mean per-token cross-entropy on held-out batches: eval mode (no dropout, no NEFTune), all
     loss-bearing tokens (no goldfish)."""
     import torch
 
     model.eval()
-    labels = [e.labels for e in examples]
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     no_select = select or _NoSelect()
     with torch.no_grad():
         for mb in batches:
-            batch = {k: v.to(device) for k, v in collate(mb, examples, labels, packed=packed, pad_id=pad_id,
-                                                         row_len=max_len).items()}
+            batch = data.tensors(mb, device, training=False)
             ctx = accelerator.autocast() if accelerator is not None else nullcontext()
             with ctx:
                 total += _forward_loss(model, batch, no_select).double().cpu()
@@ -399,11 +430,11 @@ def packing_supported(model, device=None) -> bool:
 # --------------------------------------------------------------------------- the plan
 
 
-def _plan(cfg: TrainConfig, examples: list[Example], train_idx: list[int], tables: list[int], packed: bool,
-          world: int) -> Plan:
+def _plan(cfg: TrainConfig, data: Data, tables: list[int], world: int) -> Plan:
     """Every optimizer step's micro-batches, for all epochs, from the seed alone."""
+    packed = data.packed
     by_table: dict[int, list[int]] = {}
-    for i in train_idx:
+    for i in data.train_idx:
         by_table.setdefault(tables[i], []).append(i)
     table_ids = sorted(by_table)
     weights = None
@@ -411,7 +442,7 @@ def _plan(cfg: TrainConfig, examples: list[Example], train_idx: list[int], table
         names = cfg.tables()
         weights = [cfg.weights()[names[t]] for t in table_ids]
     sizes = [len(by_table[t]) for t in table_ids]
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = [len(e.input_ids) for e in data.examples]
     per_step = cfg.grad_accum * world
 
     def epoch_batches(epoch: int) -> list:
@@ -439,10 +470,11 @@ def _plan(cfg: TrainConfig, examples: list[Example], train_idx: list[int], table
     return Plan(steps=steps, epoch_of_step=epoch_of_step, packed=packed)
 
 
-def _eval_batches(cfg: TrainConfig, examples, eval_idx: list[int], packed: bool) -> list:
+def _eval_batches(cfg: TrainConfig, data: Data) -> list:
+    eval_idx, packed = data.eval_idx, data.packed
     if not eval_idx:
         return []
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = [len(e.input_ids) for e in data.examples]
     if packed:
         rows = [[eval_idx[j] for j in row] for row in pack([lengths[i] for i in eval_idx], cfg.max_len)]
     else:
@@ -632,39 +664,41 @@ def _trainable_state(accelerator, model) -> dict:
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(state_dir: Path, step: int, accelerator, model, optimizer, scheduler, history, keep: int):
+def _save_checkpoint(run: Run, step: int) -> None:
     """Everything needed to continue exactly: trainable weights, optimizer, schedule, RNG, position.
     Written to a temp folder and renamed, so a kill leaves the previous checkpoint intact."""
     import torch
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        folder = state_dir / "checkpoints"
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        folder = run.state_dir / "checkpoints"
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        torch.save({"step": step, "weights": _trainable_state(accelerator, model),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(), "history": history}, tmp / CHECKPOINT_FILE)
+        torch.save({"step": step, "weights": _trainable_state(run.accelerator, run.model),
+                    "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                    "rng": _rng_state(), "history": run.history}, tmp / CHECKPOINT_FILE)
         replace_folder(tmp, folder / f"step-{step:08d}")
-        for old in sorted(folder.glob("step-*"))[:-keep]:
+        for old in sorted(folder.glob("step-*"))[:-run.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler) -> tuple[int, list[dict]]:
+def _load_checkpoint(run: Run, folder: Path) -> int:
+    """Restore a checkpoint into the run; returns the step to continue from."""
     import torch
 
     state = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    params = dict(accelerator.unwrap_model(model).named_parameters())
+    params = dict(run.accelerator.unwrap_model(run.model).named_parameters())
     with torch.no_grad():
         for name, value in state["weights"].items():
             params[name].copy_(value.to(params[name].device))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
-    return int(state["step"]), list(state["history"])
+    run.history[:] = state["history"]
+    return int(state["step"])
 
 
 # An epoch's state, `<state_dir>/epochs/epoch-N/` (copied to `<out_dir>/epochs/`): written by
@@ -674,18 +708,20 @@ EPOCH_TENSORS_FILE = "state.pt"  # {"weights": {name: tensor}, "moments": {name:
 EPOCH_INFO_FILE = "epoch.json"  # {"epoch": N (1-based), "mean_lr": ..., "step": optimizer steps done}
 
 
-def _save_epoch_state(folder: Path, accelerator, model, optimizer, history: list[dict], epoch: int) -> None:
-    """Weights and Adam moments by parameter name at the end of an epoch, plus the epoch's mean
-    learning rate (the mean over the epoch's optimizer steps of the rate each step was taken
-    with: history's "lr"): what LESS needs to compute Adam-aware gradient features per
+def _save_epoch_state(run: Run, epoch: int) -> None:
+    """Weights and Adam moments by parameter name at the end of an epoch (0-based), plus the
+    epoch's mean learning rate (the mean over the epoch's optimizer steps of the rate each step
+    was taken with: history's "lr"): what LESS needs to compute Adam-aware gradient features per
     checkpoint and to weight them."""
     import torch
 
-    if not accelerator.is_main_process:
+    if not run.accelerator.is_main_process:
         return
-    unwrapped = accelerator.unwrap_model(model)
+    folder = run.state_dir / "epochs" / f"epoch-{epoch + 1}"
+    history = run.history
+    unwrapped = run.accelerator.unwrap_model(run.model)
     names = {id(p): n for n, p in unwrapped.named_parameters() if p.requires_grad}
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    inner = getattr(run.optimizer, "optimizer", run.optimizer)  # accelerate wraps the torch optimizer
     moments = {}
     for group in inner.param_groups:
         for p in group["params"]:
@@ -696,7 +732,8 @@ def _save_epoch_state(folder: Path, accelerator, model, optimizer, history: list
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save({"weights": _trainable_state(accelerator, model), "moments": moments}, tmp / EPOCH_TENSORS_FILE)
+    torch.save({"weights": _trainable_state(run.accelerator, run.model), "moments": moments},
+               tmp / EPOCH_TENSORS_FILE)
     (tmp / EPOCH_INFO_FILE).write_text(json.dumps({"epoch": epoch + 1, "mean_lr": sum(lrs) / max(len(lrs), 1),
                                                    "step": history[-1]["step"] if history else 0}))
     replace_folder(tmp, folder)
@@ -760,20 +797,21 @@ def _peak_rss_mb() -> float:
     return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)  # bytes on macOS, kB elsewhere
 
 
-def _summary(cfg, history, examples, train_labels, train_idx, eval_idx, packed, select, total_steps,
-             seconds, accelerator, resumed_from, totals) -> dict:
+def _summary(run: Run, seconds: float, resumed_from: int) -> dict:
+    cfg, history, totals, accelerator = run.cfg, run.history, run.totals, run.accelerator
+    examples, train_labels, train_idx = run.data.examples, run.data.train_labels, run.data.train_idx
     original = sum(sum(1 for x in examples[i].labels[1:] if x != IGNORE) for i in train_idx)
     kept = sum(sum(1 for x in train_labels[i][1:] if x != IGNORE) for i in train_idx)
     losses = [r["loss"] for r in history]
     evals = [r["eval_loss"] for r in history if "eval_loss" in r]
     out = {
-        "steps": total_steps,
+        "steps": len(run.plan.steps),
         "epochs": history[-1]["epoch"] + 1 if history else 0,
         "train_examples": len(train_idx),
-        "eval_examples": len(eval_idx),
+        "eval_examples": len(run.data.eval_idx),
         "truncated_examples": sum(1 for i in train_idx if examples[i].truncated),
-        "packing": packed,
-        "loss_positions_only": select.enabled,
+        "packing": run.data.packed,
+        "loss_positions_only": run.select.enabled,
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
         "final_eval_loss": evals[-1] if evals else None,
