@@ -174,6 +174,17 @@ class StepContext:
 
         return pl.read_parquet(self.input_paths[table])
 
+    def read_batches(self, table: str, columns: list[str] | None = None, rows: int | None = None):
+        """An input table as Polars DataFrames of about `rows` rows each, in order: for steps that
+        stream, so that memory holds one batch, not the table."""
+        return parquet_batches(self.input_paths[table], columns, rows)
+
+    def input_rows(self, table: str) -> int:
+        """The number of rows of an input table (from the Parquet footer; nothing is read)."""
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.input_paths[table]).metadata.num_rows
+
     def input_path(self, table: str) -> Path:
         return self.input_paths[table]
 
@@ -192,6 +203,13 @@ class StepContext:
         (`rejected`, `removed`, `scores`, ...), which appears in the catalog as `<step>__<table>`."""
         df.write_parquet(self.table_path(table))
         self.stats.setdefault("rows", {})[table] = df.height
+
+    def writer(self, table: str = "main") -> "TableWriter":
+        """Write a table in parts, for steps that stream: `with ctx.writer() as out: out.write(df)`
+        for each batch. The parts become one Parquet file when the block ends (columns a part
+        lacks are null; types widen as `pl.concat(how="diagonal_relaxed")` does)."""
+        return TableWriter(self.table_path(table), on_close=lambda rows: self.stats.setdefault(
+            "rows", {}).__setitem__(table, rows))
 
     def reject(self, df) -> None:
         """Write rows that failed parsing/validation; `df` must have a `reason` column."""
@@ -223,6 +241,76 @@ class StepContext:
         columns = {c: [v if isinstance(v, (str, int, float, bool, type(None))) else json.dumps(v, default=str)
                        for v in head[c].to_list()] for c in head.columns}
         self.tracker_table(f"{self.name}.{name}", columns)
+
+
+BATCH_ROWS = 65_536  # rows per streamed batch: ~35 MB of 520-character instruction rows
+
+
+def parquet_batches(path: Path, columns: list[str] | None = None, rows: int | None = None):
+    """A Parquet file as Polars DataFrames of about `rows` rows each, in order."""
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=rows or BATCH_ROWS, columns=columns):
+        yield pl.from_arrow(batch)
+
+
+class TableWriter:
+    """A table written batch by batch: each batch is a part file next to the table; closing
+    joins the parts into the table's one Parquet file, streaming (Polars' sink), and removes
+    them. An exception inside the `with` block leaves no table and no parts."""
+
+    def __init__(self, path: Path, on_close=None):
+        self.path = Path(path)
+        self.parts_dir = self.path.with_name(f".{self.path.stem}.parts")
+        self.parts: list[Path] = []
+        self.rows = 0
+        self._on_close = on_close
+        self._schema = None  # the first part's, or None when parts differ
+
+    def write(self, df) -> None:
+        if df.height == 0 and self.parts:
+            return  # an empty batch adds nothing; the first one still gives the table its columns
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        part = self.parts_dir / f"part-{len(self.parts):06d}.parquet"
+        df.write_parquet(part)
+        self.parts.append(part)
+        self.rows += df.height
+        if len(self.parts) == 1:
+            self._schema = df.schema
+        elif self._schema is not None and df.schema != self._schema:
+            self._schema = None
+
+    def close(self) -> None:
+        import shutil
+
+        import polars as pl
+
+        from datamill.atomic import write_atomic
+
+        if not self.parts:
+            raise ValueError(f"no batch was written to {self.path.name}: write at least one (it may be empty)")
+        if len(self.parts) == 1:
+            self.parts[0].replace(self.path)
+        elif self._schema is not None:
+            write_atomic(self.path, lambda tmp: pl.scan_parquet(self.parts).sink_parquet(tmp))
+        else:
+            frames = [pl.scan_parquet(part) for part in self.parts]
+            write_atomic(self.path, lambda tmp: pl.concat(frames, how="diagonal_relaxed").sink_parquet(tmp))
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        if self._on_close is not None:
+            self._on_close(self.rows)
+
+    def __enter__(self) -> "TableWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            import shutil
+
+            shutil.rmtree(self.parts_dir, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, obj) -> None:
