@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from corpus import Words  # noqa: E402  (bench/corpus.py)
 from machine import cpu_name  # noqa: E402  (bench/machine.py)
 
 SHIPPED = ["datamill_arithmetic", "datamill_capitals", "datamill_chat", "datamill_code", "datamill_reverse",
@@ -53,30 +53,6 @@ TEMPLATES = ["Write a short essay about", "Explain in simple terms", "Summarize 
 
 
 # --------------------------------------------------------------------------- data
-
-class Words:
-    """Words with the frequencies of the Python reference manual, with some punctuation."""
-
-    def __init__(self, rng: np.random.Generator):
-        from evals.byod import python_docs_corpus
-
-        counts = Counter(w for text in python_docs_corpus() for w in re.findall(r"[A-Za-z]+", text))
-        words, freq = zip(*counts.most_common())
-        self.vocab = np.array([w for w in words for _ in range(3)], dtype=object)
-        for i in range(len(words)):
-            self.vocab[3 * i + 1] += ","
-            self.vocab[3 * i + 2] += "."
-        self.p = np.asarray(freq, dtype=np.float64) / sum(freq)
-        self.rng = rng
-
-    def texts(self, count: int, median_words: float, sigma: float, max_words: int) -> list[str]:
-        lengths = np.clip(self.rng.lognormal(np.log(median_words), sigma, count).astype(np.int64), 3, max_words)
-        picks = self.rng.choice(len(self.p), size=int(lengths.sum()), p=self.p) * 3
-        picks += self.rng.choice(3, size=len(picks), p=[0.88, 0.06, 0.06])
-        tokens = self.vocab[picks]
-        ends = np.cumsum(lengths)
-        return [" ".join(tokens[e - n:e]) for e, n in zip(ends.tolist(), lengths.tolist())]
-
 
 def eval_side(words: Words, shipped: dict[str, list[str]], total: int) -> tuple[list[str], list[str]]:
     """Synthetic eval instances to make `total` with the shipped ones: 40 subsets, each a header of
