@@ -57,6 +57,12 @@ def selector(name: str) -> Callable:
     return SELECTORS.get(name)
 
 
+def wants(fn: Callable, name: str) -> bool:
+    """Whether a method asks for the context argument `name` (or for every one, with **kwargs)."""
+    parameters = inspect.signature(fn).parameters.values()
+    return any(p.kind is p.VAR_KEYWORD or p.name == name for p in parameters)
+
+
 def call(fn: Callable, candidates: list[str], targets: list[str], params: dict, context: dict):
     """Call a method with its params and the context arguments its signature asks for."""
     signature = inspect.signature(fn)

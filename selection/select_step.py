@@ -142,18 +142,22 @@ class SelectStep(Step):
 
         from datamill import progress
         from datamill.records import column_texts, text_column
-        from selection.methods import call, selector
+        from selection.methods import call, selector, wants
 
         cfg = self.config
         started = time.monotonic()
-        rows, target_rows = ctx.read(cfg.input), ctx.read(cfg.target)
+        method = load_function(cfg.method, ctx.env) if is_reference(cfg.method) else selector(cfg.method)
+        target_rows = ctx.read(cfg.target)
         if target_rows.height == 0:
             raise DatamillError(f"target table '{cfg.target}' is empty: selection needs examples of the target task")
-        if rows.height == 0:
+        n = ctx.input_rows(cfg.input)
+        if n == 0:
             raise DatamillError(f"input table '{cfg.input}' is empty: nothing to select from")
-        texts = column_texts(rows, text_column(rows, cfg.column, f"select input '{cfg.input}'"))
         targets = column_texts(target_rows, text_column(target_rows, cfg.target_column, f"select target '{cfg.target}'"))
-        n = len(texts)
+        # A method that asks for the candidate table gets it whole; otherwise only the columns
+        # scoring needs are read, a batch at a time: at a million rows the table is gigabytes.
+        rows = ctx.read(cfg.input) if wants(method, "rows") else None
+        texts, ids, families = self._candidate_columns(ctx, rows)
         budget = cfg.budget if isinstance(cfg.budget, int) else max(1, round(cfg.budget * n))
         prepared = time.monotonic()
 
@@ -164,8 +168,6 @@ class SelectStep(Step):
                        "model_dir": Path(ctx.model_path(cfg.model)) if cfg.model else None,
                        "work_dir": work_dir, "cache_dir": Path(ctx.shared_dir) / "select", "progress": bar.advance,
                        "shards": ctx.shards}
-            method = (load_function(cfg.method, ctx.env) if is_reference(cfg.method)
-                      else selector(cfg.method))
             scores = np.asarray(call(method, texts, targets, dict(cfg.params), context), dtype=np.float64)
         scored = time.monotonic()
         ctx.stats.update(ctx.shards.summary())
@@ -176,26 +178,64 @@ class SelectStep(Step):
             raise DatamillError(f"method '{cfg.method}' returned {bad} non-finite scores (NaN or inf)")
 
         order = np.argsort(-scores, kind="stable")  # ties keep the input order
-        families = rows[cfg.family_column].to_list() if cfg.family_column in rows.columns else None
         if cfg.per_family and families is None:
-            raise DatamillError(f"per_family needs a '{cfg.family_column}' column in '{cfg.input}' "
-                                f"(columns: {', '.join(rows.columns)}); set family_column")
+            raise DatamillError(f"per_family needs a '{cfg.family_column}' column in '{cfg.input}'; "
+                                "set family_column")
         chosen = _choose(order, budget, families, cfg.per_family)
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(1, n + 1)
         selected = np.zeros(n, dtype=bool)
         selected[chosen] = True
 
-        ids = rows["id"].to_list() if "id" in rows.columns else [str(i) for i in range(n)]
         score_table = pl.DataFrame({"id": ids, "score": scores, "rank": rank, "selected": selected})
         if families is not None:
             score_table = score_table.with_columns(pl.Series("family", families, dtype=pl.String))
-        keep = rows[chosen.tolist()].drop([c for c in ("select_score", "select_rank") if c in rows.columns])
-        keep = keep.with_columns(pl.Series("select_score", scores[chosen]), pl.Series("select_rank", rank[chosen]))
-        ctx.write(keep)
+        ctx.write(self._kept_rows(ctx, rows, selected, scores, rank))
         ctx.write(score_table, "scores")
         self._report(ctx, score_table, texts, targets, target_rows, budget, chosen,
                      {"prepare": prepared - started, "score": scored - prepared, "select": time.monotonic() - scored})
+
+    def _candidate_columns(self, ctx, rows):
+        """(texts, ids, families or None) of the candidates: from `rows` when read whole, else
+        streamed from the input's text, id and family columns."""
+        import polars as pl
+
+        from datamill.records import column_texts, text_column
+
+        cfg = self.config
+        head = rows if rows is not None else pl.read_parquet(ctx.input_path(cfg.input), n_rows=0)
+        column = text_column(head, cfg.column, f"select input '{cfg.input}'")
+        wanted = [c for c in dict.fromkeys([column, "id", cfg.family_column]) if c in head.columns]
+        batches = [rows.select(wanted)] if rows is not None else ctx.read_batches(cfg.input, columns=wanted)
+        texts: list[str] = []
+        ids: list[str] = []
+        families: list | None = [] if cfg.family_column in head.columns else None
+        for batch in batches:
+            texts.extend(column_texts(batch, column))
+            ids.extend(batch["id"].cast(pl.String).to_list() if "id" in batch.columns
+                       else (str(i) for i in range(len(ids), len(ids) + batch.height)))
+            if families is not None:
+                families.extend(batch[cfg.family_column].to_list())
+        return texts, ids, families
+
+    def _kept_rows(self, ctx, rows, selected, scores, rank):
+        """The selected rows in rank order, with their score and rank; streamed from the input
+        (only selected rows are held) when the table was not read whole."""
+        import numpy as np
+        import polars as pl
+
+        if rows is not None:
+            batches = [rows]
+        else:
+            batches = ctx.read_batches(self.config.input)
+        parts, offset = [], 0
+        for batch in batches:
+            picked = np.flatnonzero(selected[offset:offset + batch.height])
+            part = batch[picked.tolist()].drop([c for c in ("select_score", "select_rank") if c in batch.columns])
+            at = picked + offset
+            parts.append(part.with_columns(pl.Series("select_score", scores[at]), pl.Series("select_rank", rank[at])))
+            offset += batch.height
+        return pl.concat(parts, how="vertical_relaxed").sort("select_rank")
 
     def _report(self, ctx, score_table, texts, targets, target_rows, budget, chosen, seconds) -> None:
         import polars as pl
@@ -219,9 +259,10 @@ class SelectStep(Step):
                          "not selected": score_table.filter(~pl.col("selected"))["score"].to_list()},
                   title=f"{ctx.name}: {cfg.method} scores", xlabel="score (higher = kept first)")
         ctx.log_artifact(plot)
-        ranked = score_table.with_columns(pl.Series("text", [t[:300] for t in texts])).sort("rank")
-        ctx.log_sample(ranked.head(SAMPLE_ROWS), name="top", rows=SAMPLE_ROWS)
-        ctx.log_sample(ranked.tail(SAMPLE_ROWS), name="bottom", rows=SAMPLE_ROWS)
+        ranked = score_table.with_row_index("at").sort("rank")  # texts stay unsliced: only 2 x 20 are shown
+        for name, part in (("top", ranked.head(SAMPLE_ROWS)), ("bottom", ranked.tail(SAMPLE_ROWS))):
+            shown = pl.Series("text", [texts[i][:300] for i in part["at"]])
+            ctx.log_sample(part.drop("at").with_columns(shown), name=name, rows=SAMPLE_ROWS)
 
 
 def _choose(order, budget: int, families: list | None, per_family: int | None):

@@ -141,6 +141,43 @@ def test_empty_candidate_text_gets_a_score(tmp_path):
     assert np.isfinite(tables["scores"]["score"].to_numpy()).all()
 
 
+def test_streamed_candidates_give_the_same_selection_as_the_whole_table(tmp_path, monkeypatch):
+    """A method that does not ask for `rows` reads the candidates a batch at a time (tiny batches
+    here); one that does gets the table whole: the selection, ranks and order are the same."""
+    import polars as pl
+
+    import datamill.step
+    from selection.methods import _selectors, register_selector
+    from selection.select_step import SelectStep
+
+    rows = pl.DataFrame({"id": [f"r{i}" for i in range(50)],
+                         "text": [f"what is {i} plus {i % 7}?" if i % 3 else f"the capital {i} is city {i}"
+                                  for i in range(50)],
+                         "family": ["arithmetic" if i % 3 else "capitals" for i in range(50)],
+                         "extra": list(range(50))})
+    target = pl.DataFrame({"text": ["what is 2 plus 2?", "what is 5 plus 1?"], "family": ["arithmetic"] * 2})
+
+    @register_selector("zipfit_with_rows")
+    def zipfit_with_rows(candidates, targets, rows):
+        from selection.zipfit import zipfit_scores
+
+        assert rows.height == len(candidates)
+        return zipfit_scores(candidates, targets, workers=1)
+
+    monkeypatch.setattr(datamill.step, "BATCH_ROWS", 7)
+    config = {"input": "rows", "target": "target", "budget": 12, "per_family": 10}
+    try:
+        _, streamed = run_step(SelectStep, {**config, "method": "zipfit"}, tmp_path / "a",
+                               inputs={"rows": rows, "target": target})
+        _, whole = run_step(SelectStep, {**config, "method": "zipfit_with_rows"}, tmp_path / "b",
+                            inputs={"rows": rows, "target": target})
+    finally:
+        _selectors.pop("zipfit_with_rows", None)
+    assert streamed["main"].equals(whole["main"]) and streamed["scores"].equals(whole["scores"])
+    assert streamed["main"].height == 12 and streamed["main"]["select_rank"].is_sorted()
+    assert streamed["main"].columns == [*rows.columns, "select_score", "select_rank"]
+
+
 def test_unknown_method_and_bad_budget_are_spec_errors(write_spec):
     with pytest.raises(SpecError, match="unknown selection method 'zipfti'.*did you mean 'zipfit'"):
         run(make_testbed(write_spec, "units", "zipfti"))
