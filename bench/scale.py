@@ -1,0 +1,217 @@
+"""The data path at research scale: source -> sql -> dedup -> select, at 10k, 100k and 1M rows of
+the scale corpus (bench/corpus.py: instruction-data lengths, 10 % planted near-duplicates, a 2 %
+target family), each step's seconds, rows/s and peak RSS, with the field's libraries on the same
+data in the same run.
+
+The pipeline runs as a user runs it: one `datamill run` process per size (fresh workspace, no
+MLflow), while a thread samples the process's resident memory; each step's peak is the highest
+sample between its start and end (meta.json's timestamps), so it includes what earlier steps
+left allocated, as a user would see it.
+
+Peers, each in its own process on the same files:
+- ingest: `polars.read_ndjson` and DuckDB `read_json` of the corpus file;
+- dedup: a plain Python pass with rensa (bench/dedup.py's peer), with precision and recall on the
+  planted near-duplicates for both sides;
+- ZIP-FIT: the paper's per-pair gzip method on a sample of candidates, its time extrapolated
+  per pair;
+- DSIR: the `data-selection` package (its authors' code) on the same candidates and targets.
+
+Run:  .venv/bin/python bench/scale.py                       (10k, 100k, 1M; ~40 min on 2 cores)
+      .venv/bin/python bench/scale.py --rows 10000          (one size)
+      .venv/bin/python bench/scale.py --rows 10000000 --steps source,sql,dedup   (the 10M run)
+Writes bench/scale.json, bench/scale.md and bench/scale.png (cost against rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+sys.path[:0] = [str(ROOT), str(BENCH)]
+
+from corpus import target_texts, write_corpus  # noqa: E402  (bench/corpus.py)
+from machine import cpu_name  # noqa: E402  (bench/machine.py)
+
+STEPS = ("source", "sql", "dedup", "select")
+SPEC = """\
+name: scale
+sources:
+  corpus: {{path: {corpus}}}
+  targets: {{path: {targets}, schema: raw}}
+steps:
+  filtered:
+    sql: |
+      SELECT * FROM corpus
+      WHERE length(messages[len(messages)].content) >= 20
+  deduped:
+    dedup: {{input: filtered, exact: true, minhash: {{threshold: 0.8}}}}
+  picked:
+    select:
+      input: deduped
+      target: targets
+      target_column: text
+      method: zipfit
+      budget: {budget}
+      params: {{mode: {mode}}}
+tracking: {{enabled: false}}
+"""
+STEP_NAMES = {"source": "corpus", "sql": "filtered", "dedup": "deduped", "select": "picked"}
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory (VmRSS) or its high-water mark (VmHWM), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Sampler(threading.Thread):
+    """(wall time, RSS MB) every `every` seconds until stopped."""
+
+    def __init__(self, every: float = 0.1):
+        super().__init__(daemon=True)
+        self.every, self.samples, self._done = every, [], threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.samples.append((time.time(), rss_mb()))
+            self._done.wait(self.every)
+
+    def stop(self) -> list[tuple[float, float]]:
+        self._done.set()
+        self.join()
+        return self.samples
+
+
+def in_subprocess(*args: str) -> dict:
+    """Run `bench/scale.py --worker ...` in a fresh process; its JSON answer."""
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    try:
+        subprocess.run([sys.executable, __file__, "--worker", *args, str(out)], check=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+        return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- workers (one process each)
+
+
+def worker_pipeline(spec: str) -> dict:
+    """Run the spec once; per step: seconds, rows in/out, peak RSS during it."""
+    from datamill.api import run
+
+    sampler = Sampler()
+    sampler.start()
+    result = run(Path(spec))
+    samples = sampler.stop()
+    point = result.points[-1]
+    out = {"peak_rss_mb": rss_mb("VmHWM"), "steps": {}}
+    for name, record in point.steps.items():
+        meta = point.plan.workspace.meta(record.key)
+        start = datetime.fromisoformat(meta["started_at"]).timestamp()
+        end = datetime.fromisoformat(meta["finished_at"]).timestamp()
+        during = [rss for t, rss in samples if start - 0.2 <= t <= end + 0.2]
+        out["steps"][name] = {"kind": record.kind, "seconds": record.seconds, "rows": meta["stats"].get("rows", {}),
+                              "stats": {k: v for k, v in meta["stats"].items() if isinstance(v, (int, float))},
+                              "peak_rss_mb": round(max(during), 1) if during else None}
+    return out
+
+
+def worker_polars(corpus: str) -> dict:
+    import polars as pl
+
+    start = time.monotonic()
+    frame = pl.read_ndjson(corpus)
+    return {"seconds": time.monotonic() - start, "rows": frame.height, "peak_rss_mb": rss_mb("VmHWM")}
+
+
+def worker_duckdb(corpus: str) -> dict:
+    import duckdb
+
+    start = time.monotonic()
+    con = duckdb.connect()
+    rows = con.execute(f"CREATE TABLE t AS SELECT * FROM read_json('{corpus}', format='newline_delimited')"
+                       ).fetchone()
+    rows = con.execute("SELECT count(*) FROM t").fetchone()[0]
+    return {"seconds": time.monotonic() - start, "rows": rows, "peak_rss_mb": rss_mb("VmHWM")}
+
+
+WORKERS = {"pipeline": worker_pipeline, "polars": worker_polars, "duckdb": worker_duckdb}
+
+
+# --------------------------------------------------------------------------- one size
+
+
+def prepare(rows: int, folder: Path) -> tuple[Path, Path]:
+    """The corpus and targets files for `rows` (made once, kept in `folder`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / f"corpus-{rows}.jsonl"
+    if not corpus.exists():
+        started = time.monotonic()
+        write_corpus(corpus, rows, seed=0)
+        print(f"  corpus of {rows:,} rows written in {time.monotonic() - started:.0f} s ({corpus})")
+    targets = folder / "targets.jsonl"
+    if not targets.exists():
+        targets.write_text("".join(json.dumps({"text": t, "family": "target"}) + "\n" for t in target_texts(200)))
+    return corpus, targets
+
+
+def measure(rows: int, folder: Path, steps: tuple[str, ...], mode: str) -> dict:
+    corpus, targets = prepare(rows, folder)
+    spec_dir = Path(tempfile.mkdtemp(prefix=f"scale-{rows}-", dir=folder))
+    text = SPEC.format(corpus=corpus, targets=targets, budget=max(100, rows // 100), mode=mode)
+    if "select" not in steps:
+        text = text[:text.index("  picked:")] + "tracking: {enabled: false}\n"
+    if "dedup" not in steps:
+        text = text[:text.index("  deduped:")] + "tracking: {enabled: false}\n"
+    (spec_dir / "spec.yaml").write_text(text)
+    print(f"  pipeline ({', '.join(steps)}) on {rows:,} rows ...")
+    out = {"rows": rows, "file_mb": round(corpus.stat().st_size / 2**20, 1), "zipfit_mode": mode,
+           "pipeline": in_subprocess("pipeline", str(spec_dir / "spec.yaml"))}
+    print(f"  peers on {rows:,} rows ...")
+    out["peers"] = {"polars.read_ndjson": in_subprocess("polars", str(corpus)),
+                    "duckdb.read_json": in_subprocess("duckdb", str(corpus))}
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--steps", default=",".join(STEPS))
+    parser.add_argument("--zipfit-mode", default="exact", choices=["exact", "fast"])
+    parser.add_argument("--data", default=os.environ.get("DATAMILL_SCALE_DATA", "/tmp/datamill-scale"),
+                        help="where the corpora are kept between runs")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        kind, *params, out = args.worker
+        Path(out).write_text(json.dumps(WORKERS[kind](*params)))
+        return
+    steps = tuple(s for s in STEPS if s in args.steps.split(","))
+    results = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+               "date": datetime.now().strftime("%Y-%m-%d"), "sizes": []}
+    for rows in args.rows:
+        results["sizes"].append(measure(rows, Path(args.data), steps, args.zipfit_mode))
+        print(json.dumps(results["sizes"][-1], indent=1))
+    (BENCH / "scale.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
