@@ -150,31 +150,29 @@ class FilterStep(Step):
     def run(self, ctx) -> None:
         import polars as pl
 
-        from datamill.progress import track
+        from datamill.progress import bar
 
         cfg = self.config
-        table = ctx.read(cfg.input)
-        responses, prompts, whole = self._texts(table)
         phrases = refusal_pattern(tuple(REFUSAL_PHRASES if cfg.refusals else ()) + tuple(cfg.extra_phrases))
         detector = LanguageDetector() if cfg.language else None
-
-        reasons: list[str | None] = []
-        for i in track(range(table.height), f"{ctx.name}: filter", total=table.height):
-            reasons.append(self._reason(responses[i], None if prompts is None else prompts[i], whole[i],
-                                        phrases, detector))
-
-        rejected_mask = pl.Series([r is not None for r in reasons], dtype=pl.Boolean)
-        kept = table.filter(~rejected_mask)
-        rejected = table.filter(rejected_mask).with_columns(
-            pl.Series("reason", [r for r in reasons if r is not None], dtype=pl.String))
-        ctx.write(kept)
-        ctx.reject(rejected)
+        rows_in = ctx.input_rows(cfg.input)
         by_kind: dict[str, int] = {}
-        for reason in reasons:
-            if reason is not None:
-                kind = reason_kind(reason)
-                by_kind[kind] = by_kind.get(kind, 0) + 1
-        ctx.stats.update({"rows_in": table.height, "kept": kept.height, "rejected": rejected.height,
+        # Row by row, a batch at a time: memory holds one batch whatever the table's size.
+        with ctx.writer() as kept, ctx.writer("rejected") as rejected, \
+                bar(f"{ctx.name}: filter", total=rows_in) as progress:
+            for table in ctx.read_batches(cfg.input):
+                responses, prompts, whole = self._texts(table)
+                reasons = [self._reason(responses[i], None if prompts is None else prompts[i], whole[i],
+                                        phrases, detector) for i in range(table.height)]
+                dropped = pl.Series([r is not None for r in reasons], dtype=pl.Boolean)
+                kept.write(table.filter(~dropped))
+                rejected.write(table.filter(dropped).with_columns(
+                    pl.Series("reason", [r for r in reasons if r is not None], dtype=pl.String)))
+                for reason in reasons:
+                    if reason is not None:
+                        by_kind[reason_kind(reason)] = by_kind.get(reason_kind(reason), 0) + 1
+                progress.advance(table.height)
+        ctx.stats.update({"rows_in": rows_in, "kept": kept.rows, "rejected": rejected.rows,
                           "rejected_by_reason": dict(sorted(by_kind.items()))})
 
     def _reason(self, response: list[str], prompt: list[str] | None, whole: str, phrases, detector) -> str | None:

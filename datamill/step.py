@@ -247,12 +247,17 @@ BATCH_ROWS = 65_536  # rows per streamed batch: ~35 MB of 520-character instruct
 
 
 def parquet_batches(path: Path, columns: list[str] | None = None, rows: int | None = None):
-    """A Parquet file as Polars DataFrames of about `rows` rows each, in order."""
+    """A Parquet file as Polars DataFrames of about `rows` rows each, in order. A table of no rows
+    is one empty frame with its columns, so a streaming step still writes a table with them."""
     import polars as pl
     import pyarrow.parquet as pq
 
+    empty = True
     for batch in pq.ParquetFile(path).iter_batches(batch_size=rows or BATCH_ROWS, columns=columns):
+        empty = False
         yield pl.from_arrow(batch)
+    if empty:
+        yield pl.read_parquet(path, columns=columns, n_rows=0)
 
 
 class TableWriter:

@@ -129,3 +129,18 @@ def test_key_follows_phrases_and_langdetect(tmp_path):
 
     assert "phrases" in key() and "phrases" not in key(refusals=False)
     assert key(language="en")["langdetect"] and "langdetect" not in key()
+
+
+def test_batches_give_the_same_tables_as_one_pass(tmp_path, monkeypatch):
+    """The step streams its input a batch at a time: tiny batches give the same kept and
+    rejected tables, in input order, and the same counts."""
+    import datamill.step
+
+    frame = table([(f"question {i}", "" if i % 4 == 0 else ("As an AI, I cannot" if i % 5 == 0 else f"answer {i}"))
+                   for i in range(40)])
+    ctx_one, kept_one, rejected_one = run_filter(tmp_path / "one", frame)
+    monkeypatch.setattr(datamill.step, "BATCH_ROWS", 3)
+    ctx_many, kept_many, rejected_many = run_filter(tmp_path / "many", frame)
+    assert kept_many.equals(kept_one) and rejected_many.equals(rejected_one)
+    assert kept_one.height + rejected_one.height == 40 and rejected_one.height > 10
+    assert ctx_many.stats == ctx_one.stats

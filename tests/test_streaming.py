@@ -47,5 +47,7 @@ def test_an_empty_table_keeps_its_columns(tmp_path):
     with TableWriter(path) as out:
         out.write(pl.DataFrame(schema={"id": pl.String, "n": pl.Int64}))
     assert pl.read_parquet(path).schema == pl.Schema({"id": pl.String, "n": pl.Int64})
+    batches = list(parquet_batches(path))  # no rows: one empty batch with the columns
+    assert len(batches) == 1 and batches[0].height == 0 and batches[0].columns == ["id", "n"]
     with pytest.raises(ValueError, match="no batch"):
         TableWriter(tmp_path / "other.parquet").close()
