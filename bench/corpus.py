@@ -139,6 +139,33 @@ def target_texts(n: int = 200, seed: int = 1) -> list[str]:
     return [f"{p}\n{r}" for p, r in zip(prompts, responses)]
 
 
+def write_targets(path: Path, n: int = 200) -> Path:
+    """The target examples as JSONL rows {text, family: "target"} (a `schema: raw` source)."""
+    Path(path).write_text("".join(json.dumps({"text": t, "family": "target"}) + "\n" for t in target_texts(n)))
+    return Path(path)
+
+
 def texts(rows: list[dict]) -> list[str]:
     """What dedup and selection compare: prompt and response joined by a newline (as messages are)."""
     return [f"{r['prompt']}\n{r['response']}" for r in rows]
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the scale corpus (JSONL) and its target examples.")
+    parser.add_argument("out", type=Path, help="the corpus file to write, e.g. examples/scale_data/corpus.jsonl")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_corpus(args.out, args.rows, args.seed)
+    targets = write_targets(args.out.with_name("targets.jsonl"))
+    print(f"wrote {args.rows:,} rows to {args.out} and 200 target examples to {targets}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # evals (the word frequencies)
+    main()

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
-from corpus import target_texts, write_corpus  # noqa: E402  (bench/corpus.py)
+from corpus import write_corpus, write_targets  # noqa: E402  (bench/corpus.py)
 from machine import cpu_name  # noqa: E402  (bench/machine.py)
 
 STEPS = ("source", "sql", "dedup", "select")
@@ -169,7 +169,7 @@ def prepare(rows: int, folder: Path) -> tuple[Path, Path]:
         print(f"  corpus of {rows:,} rows written in {time.monotonic() - started:.0f} s ({corpus})")
     targets = folder / "targets.jsonl"
     if not targets.exists():
-        targets.write_text("".join(json.dumps({"text": t, "family": "target"}) + "\n" for t in target_texts(200)))
+        write_targets(targets)
     return corpus, targets
 
 
