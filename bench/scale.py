@@ -55,7 +55,7 @@ steps:
       SELECT * FROM corpus
       WHERE length(messages[len(messages)].content) >= 20
   deduped:
-    dedup: {{input: filtered, exact: true, minhash: {{threshold: 0.8}}}}
+    dedup: {{input: filtered, exact: true, minhash: {{threshold: {threshold}}}}}
   picked:
     select:
       input: deduped
@@ -67,6 +67,9 @@ steps:
 tracking: {{enabled: false}}
 """
 STEP_NAMES = {"source": "corpus", "sql": "filtered", "dedup": "deduped", "select": "picked"}
+THRESHOLD = 0.8  # MinHash Jaccard threshold of the dedup step and its peer
+ZIPFIT_PEER_SAMPLE = 500  # candidates the paper's method scores (x 200 targets); its time is extrapolated
+DSIR_SAMPLE = 200_000
 
 
 # --------------------------------------------------------------------------- memory
@@ -131,6 +134,15 @@ def worker_pipeline(spec: str) -> dict:
         out["steps"][name] = {"kind": record.kind, "seconds": record.seconds, "rows": meta["stats"].get("rows", {}),
                               "stats": {k: v for k, v in meta["stats"].items() if isinstance(v, (int, float))},
                               "peak_rss_mb": round(max(during), 1) if during else None}
+    if "deduped" in point.steps:  # precision and recall on the planted near-duplicates the step saw
+        import polars as pl
+
+        planted = pl.read_parquet(point.plan.table_path("filtered"), columns=["planted_dup_of"])
+        removed = pl.read_parquet(point.plan.table_path("deduped__removed"), columns=["planted_dup_of"])
+        hits = int(removed["planted_dup_of"].is_not_null().sum())
+        out["steps"]["deduped"]["quality"] = {
+            "removed": removed.height, "precision_planted": round(hits / max(removed.height, 1), 4),
+            "recall_planted": round(hits / max(int(planted["planted_dup_of"].is_not_null().sum()), 1), 4)}
     return out
 
 
@@ -153,7 +165,63 @@ def worker_duckdb(corpus: str) -> dict:
     return {"seconds": time.monotonic() - start, "rows": rows, "peak_rss_mb": rss_mb("VmHWM")}
 
 
-WORKERS = {"pipeline": worker_pipeline, "polars": worker_polars, "duckdb": worker_duckdb}
+def _corpus_texts(corpus: str, limit: int | None = None) -> tuple[list[str], list[bool]]:
+    """Texts as the steps compare them (prompt + newline + response) and whether each is planted."""
+    texts, planted = [], []
+    with open(corpus, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            texts.append(f"{row['prompt']}\n{row['response']}")
+            planted.append(row["planted_dup_of"] is not None)
+            if limit and len(texts) == limit:
+                break
+    return texts, planted
+
+
+def worker_dedup_peer(corpus: str) -> dict:
+    """bench/dedup.py's plain Python + rensa pass (JSON parse, shingles, MinHash LSH, keep-first)."""
+    from dedup import peer_run
+
+    start = time.monotonic()
+    removed = peer_run(Path(corpus), THRESHOLD)
+    seconds = time.monotonic() - start
+    _, planted = _corpus_texts(corpus)
+    hits = sum(planted[i] for i, _ in removed)
+    return {"seconds": seconds, "removed": len(removed), "peak_rss_mb": rss_mb("VmHWM"),
+            "precision_planted": round(hits / max(len(removed), 1), 4),
+            "recall_planted": round(hits / max(sum(planted), 1), 4)}
+
+
+def worker_zipfit_peer(corpus: str, targets: str, candidates: str) -> dict:
+    """The paper's per-pair gzip method on a sample of candidates, extrapolated per candidate to
+    the `candidates` the step scored."""
+    from zipfit import naive_pool
+
+    sample, _ = _corpus_texts(corpus, ZIPFIT_PEER_SAMPLE)
+    target_texts = [json.loads(line)["text"] for line in open(targets, encoding="utf-8")]
+    start = time.monotonic()
+    naive_pool(sample, target_texts, level=9, workers=os.cpu_count())
+    per_candidate = (time.monotonic() - start) / len(sample)
+    return {"seconds": per_candidate * int(candidates), "sampled": len(sample), "extrapolated": True,
+            "peak_rss_mb": rss_mb("VmHWM")}
+
+
+def worker_dsir(corpus: str, targets: str, candidates: str) -> dict:
+    """DSIR (the `data-selection` package, through datamill's thin wrapper) scoring the corpus's
+    texts against the targets; on at most DSIR_SAMPLE rows, extrapolated per row beyond."""
+    from selection.dsir import dsir_scores
+
+    texts, _ = _corpus_texts(corpus, DSIR_SAMPLE)
+    target_texts = [json.loads(line)["text"] for line in open(targets, encoding="utf-8")]
+    start = time.monotonic()
+    dsir_scores(texts, target_texts, Path(tempfile.mkdtemp(prefix="dsir-")))
+    seconds = time.monotonic() - start
+    return {"seconds": seconds * int(candidates) / len(texts), "sampled": len(texts),
+            "extrapolated": len(texts) < int(candidates), "peak_rss_mb": rss_mb("VmHWM")}
+
+
+WORKERS = {"pipeline": worker_pipeline, "polars": worker_polars, "duckdb": worker_duckdb,
+           "dedup_peer": worker_dedup_peer, "zipfit_peer": worker_zipfit_peer, "dsir": worker_dsir}
 
 
 # --------------------------------------------------------------------------- one size
@@ -176,7 +244,8 @@ def prepare(rows: int, folder: Path) -> tuple[Path, Path]:
 def measure(rows: int, folder: Path, steps: tuple[str, ...], mode: str) -> dict:
     corpus, targets = prepare(rows, folder)
     spec_dir = Path(tempfile.mkdtemp(prefix=f"scale-{rows}-", dir=folder))
-    text = SPEC.format(corpus=corpus, targets=targets, budget=max(100, rows // 100), mode=mode)
+    text = SPEC.format(corpus=corpus, targets=targets, budget=max(100, rows // 100), mode=mode,
+                       threshold=THRESHOLD)
     if "select" not in steps:
         text = text[:text.index("  picked:")] + "tracking: {enabled: false}\n"
     if "dedup" not in steps:
@@ -186,8 +255,17 @@ def measure(rows: int, folder: Path, steps: tuple[str, ...], mode: str) -> dict:
     out = {"rows": rows, "file_mb": round(corpus.stat().st_size / 2**20, 1), "zipfit_mode": mode,
            "pipeline": in_subprocess("pipeline", str(spec_dir / "spec.yaml"))}
     print(f"  peers on {rows:,} rows ...")
-    out["peers"] = {"polars.read_ndjson": in_subprocess("polars", str(corpus)),
-                    "duckdb.read_json": in_subprocess("duckdb", str(corpus))}
+    peers = out["peers"] = {"polars.read_ndjson": {"step": "source", **in_subprocess("polars", str(corpus))},
+                            "duckdb.read_json": {"step": "source", **in_subprocess("duckdb", str(corpus))}}
+    steps_run = out["pipeline"]["steps"]
+    if "deduped" in steps_run:
+        peers["python + rensa"] = {"step": "dedup", **in_subprocess("dedup_peer", str(corpus))}
+    if "picked" in steps_run:
+        candidates = str(steps_run["picked"]["stats"]["candidates"])
+        peers["paper's ZIP-FIT"] = {"step": "select", **in_subprocess("zipfit_peer", str(corpus), str(targets),
+                                                                      candidates)}
+        peers["DSIR (data-selection)"] = {"step": "select", **in_subprocess("dsir", str(corpus), str(targets),
+                                                                            candidates)}
     return out
 
 
@@ -209,8 +287,82 @@ def main(argv=None) -> None:
                "date": datetime.now().strftime("%Y-%m-%d"), "sizes": []}
     for rows in args.rows:
         results["sizes"].append(measure(rows, Path(args.data), steps, args.zipfit_mode))
-        print(json.dumps(results["sizes"][-1], indent=1))
-    (BENCH / "scale.json").write_text(json.dumps(results, indent=2))
+        (BENCH / "scale.json").write_text(json.dumps(results, indent=2))  # after each size: a long run keeps its parts
+    (BENCH / "scale.md").write_text(markdown(results))
+    plot(results, BENCH / "scale.png")
+    print(markdown(results))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _rows_in(size: dict, name: str) -> int:
+    """The rows a step read: the source's rows in, else its input step's main table."""
+    steps = size["pipeline"]["steps"]
+    stats = steps[name]["stats"]
+    if "rows_in" in stats:
+        return stats["rows_in"]
+    order = [n for n in STEP_NAMES.values() if n in steps]
+    before = order[order.index(name) - 1]
+    return steps[before]["rows"].get("main", 0)
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"# The data path at scale ({m['cpu']}, {m['cores']} cores)", "",
+             "The scale corpus (bench/corpus.py: instruction rows with a median of ~530 characters and a tail "
+             "to 8,000; 10 % planted near-duplicates; a 2 % target family) through `source -> sql -> dedup "
+             "(exact + MinHash 0.8) -> select (ZIP-FIT, 200 targets, budget 1 %)`, one `datamill run` process per "
+             "size, fresh workspace, no tracking. Peak RSS: the highest resident memory sampled while the step "
+             f"ran (what earlier steps left allocated included). Python {m['python']}, {results['date']}.", "",
+             "| rows | file | step | seconds | rows/s | peak RSS | peer on the same data | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for size in results["sizes"]:
+        steps = size["pipeline"]["steps"]
+        for kind, name in STEP_NAMES.items():
+            if name not in steps:
+                continue
+            step = steps[name]
+            rows_in = _rows_in(size, name)
+            peer, ratio = "", ""
+            for label, figures in size.get("peers", {}).items():
+                if figures.get("step") == kind:
+                    peer += f"{label}: {figures['seconds']:.2f} s<br>"
+                    ratio += f"{step['seconds'] / max(figures['seconds'], 1e-9):.1f}x<br>"
+            lines.append(f"| {size['rows']:,} | {size['file_mb']} MB | {kind} ({name}) | {step['seconds']:.1f} | "
+                         f"{rows_in / max(step['seconds'], 1e-9):,.0f} | {step['peak_rss_mb']:,.0f} MB | "
+                         f"{peer.removesuffix('<br>')} | {ratio.removesuffix('<br>')} |")
+        lines.append(f"| {size['rows']:,} | | **whole run** | "
+                     f"{sum(s['seconds'] for s in steps.values()):.1f} | | "
+                     f"{size['pipeline']['peak_rss_mb']:,.0f} MB | | |")
+    lines += ["", "Ratio: datamill's seconds over the peer's (above 1: datamill is slower). Peers read or compute "
+              "only; the step also writes its tables.", "", "Command: `.venv/bin/python bench/scale.py`", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = results["sizes"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for kind, name in STEP_NAMES.items():
+        points = [(s["rows"], s["pipeline"]["steps"][name]) for s in sizes if name in s["pipeline"]["steps"]]
+        if points:
+            left.plot([r for r, _ in points], [st["seconds"] for _, st in points], marker="o", label=kind)
+            right.plot([r for r, _ in points], [st["peak_rss_mb"] for _, st in points], marker="o", label=kind)
+    for axis, label in ((left, "seconds"), (right, "peak RSS (MB)")):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("rows")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    fig.suptitle("datamill's data path: cost against rows (2 cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
