@@ -261,50 +261,70 @@ def parquet_batches(path: Path, columns: list[str] | None = None, rows: int | No
 
 
 class TableWriter:
-    """A table written batch by batch: each batch is a part file next to the table; closing
-    joins the parts into the table's one Parquet file, streaming (Polars' sink), and removes
-    them. An exception inside the `with` block leaves no table and no parts."""
+    """A table written batch by batch. Batches of one schema are appended to one Parquet file as
+    they come (row groups); when a batch's columns differ (an extra column appears, a type
+    widens), the file so far and each later batch become parts that closing joins with Polars'
+    streaming sink, as `pl.concat(how="diagonal_relaxed")` would. The file is written under a
+    temp name and renamed on close; an exception inside the `with` block leaves nothing."""
 
     def __init__(self, path: Path, on_close=None):
         self.path = Path(path)
         self.parts_dir = self.path.with_name(f".{self.path.stem}.parts")
-        self.parts: list[Path] = []
+        self.parts: list[Path] = []  # set once batches differ; the first part is the file so far
         self.rows = 0
         self._on_close = on_close
-        self._schema = None  # the first part's, or None when parts differ
+        self._file = self.path.with_name(f".{self.path.stem}.writing.parquet")
+        self._writer = None  # pyarrow's ParquetWriter while every batch has the first one's schema
+        self._batches = 0
 
     def write(self, df) -> None:
-        if df.height == 0 and self.parts:
+        if df.height == 0 and self._batches:
             return  # an empty batch adds nothing; the first one still gives the table its columns
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        table = df.to_arrow()
+        self._batches += 1
+        self.rows += df.height
+        if self._batches == 1:
+            import pyarrow.parquet as pq
+
+            self._writer = pq.ParquetWriter(self._file, table.schema, compression="zstd")
+        if self._writer is not None and table.schema.equals(self._writer.schema):
+            self._writer.write_table(table)
+            return
+        if self._writer is not None:  # the schema changed: from here on, parts
+            self._writer.close()
+            self._writer = None
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+            self.parts.append(self._file.replace(self.parts_dir / "part-000000.parquet"))
         part = self.parts_dir / f"part-{len(self.parts):06d}.parquet"
         df.write_parquet(part)
         self.parts.append(part)
-        self.rows += df.height
-        if len(self.parts) == 1:
-            self._schema = df.schema
-        elif self._schema is not None and df.schema != self._schema:
-            self._schema = None
 
     def close(self) -> None:
-        import shutil
-
         import polars as pl
 
         from datamill.atomic import write_atomic
 
-        if not self.parts:
+        if not self._batches:
             raise ValueError(f"no batch was written to {self.path.name}: write at least one (it may be empty)")
-        if len(self.parts) == 1:
-            self.parts[0].replace(self.path)
-        elif self._schema is not None:
-            write_atomic(self.path, lambda tmp: pl.scan_parquet(self.parts).sink_parquet(tmp))
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._file.replace(self.path)
         else:
             frames = [pl.scan_parquet(part) for part in self.parts]
             write_atomic(self.path, lambda tmp: pl.concat(frames, how="diagonal_relaxed").sink_parquet(tmp))
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
+            self._discard()
         if self._on_close is not None:
             self._on_close(self.rows)
+
+    def _discard(self) -> None:
+        import shutil
+
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._file.unlink(missing_ok=True)
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
 
     def __enter__(self) -> "TableWriter":
         return self
@@ -313,9 +333,7 @@ class TableWriter:
         if exc_type is None:
             self.close()
         else:
-            import shutil
-
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
+            self._discard()
 
 
 def write_json_atomic(path: Path, obj) -> None:
