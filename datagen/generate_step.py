@@ -6,11 +6,13 @@ prompt family injects, drawn from `random.Random(f"{seed}:{k}")`, and the sampli
 identity, so request k is the same request whatever `n` is.
 
 Finished requests go to a request cache shared by every key of the workspace
-(`<workspace>/shared/generate/<backend>/<model>/shard-*.jsonl`, see datagen/shards.py): a run
-sends only the requests without a successful result there. A run killed at any point resumes
-where it stopped, raising `n` from 1000 to 1500 sends 500 requests, and failed requests are
-tried again the next time the step runs (`max_failed_fraction: 0` fails the step instead, so
-that re-running the same spec retries them).
+(`<workspace>/shared/generate/<backend>/<model>/shard-*.jsonl`, each with a compact index, see
+datagen/shards.py): a run sends only the requests without a successful result there. A run killed at
+any point resumes where it stopped, raising `n` from 1000 to 1500 sends 500 requests, and failed
+requests are tried again the next time the step runs (`max_failed_fraction: 0` fails the step
+instead, so that re-running the same spec retries them). The step works window by window (plan,
+send what the cache lacks, write the rows read back from the cache), so memory holds one window of
+requests and the cache's index (~25 bytes a request), never all n results.
 
 Each result is parsed by its prompt's parser (datagen/parsing.py) into canonical rows (see
 datamill/records.py) plus provenance columns; outputs that do not parse and requests that
@@ -24,8 +26,9 @@ import functools
 import re
 import time
 from dataclasses import asdict, dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field, field_validator
 
@@ -39,6 +42,9 @@ from datamill.step import Step, StepConfig
 
 SEED_STRIDE = 1_000_003  # seed_k = seed * SEED_STRIDE + k
 SAMPLE_ROWS = 50
+REJECTED_SAMPLE_ROWS = 20
+WINDOW = 65_536  # requests planned, sent and written at a time (times the executor's workers)
+TABLE_BATCH = 8_192  # results read back from the request cache at a time to build the tables
 PROGRESS_POINTS = 20  # progress metrics (requests done, tokens/s) logged this many times per run
 LITERAL_KEY_ERROR = ("a literal api_key is not allowed in a spec: put the key in an environment variable "
                      "and name it with api_key_env")
@@ -223,6 +229,8 @@ class GenerateStep(Step):
     # --- running ---------------------------------------------------------------------------
 
     def run(self, ctx) -> None:
+        import numpy as np
+
         from datagen.shards import ShardStore
 
         cfg = self.config
@@ -235,63 +243,83 @@ class GenerateStep(Step):
             identity, label = model_identity(str(model_dir), ctx.env.base_dir), model_dir.name
         else:
             identity, label = f"openai:{cfg.model}", cfg.model
-        planned = plan_requests(cfg, prompts, identity)
 
         store = ShardStore(Path(ctx.shared_dir) / "generate" / cfg.backend / cache_folder_name(label, identity))
-        results = store.load()
-        todo = [p.request for p in planned if (results.get(p.request.id) or {}).get("text") is None]
-        resent_failed = sum(1 for r in todo if r.id in results)
-        stats = BackendStats()
+        index = store.index()  # which requests are finished, and where: ~25 bytes each, no text
+        make = _BuiltOnce(functools.partial(make_backend, self._per_task(cfg, ctx.shards.workers), model_dir, ctx.name))
+        stats, parts, tally = BackendStats(), [], _Tally()
+        todo_count = resent_failed = 0
+        fresh: dict = {}  # this window's results from this run: request id -> where store.append put it
+        sending = {"since": None}  # when the current window's sends began (stats.seconds: the earlier ones')
+        every = max(1, cfg.n // PROGRESS_POINTS)
         started = time.monotonic()
-        if todo:
-            every = max(1, len(todo) // PROGRESS_POINTS)
-            progress = {"done": 0, "tokens_out": 0}
 
-            def on_result(result) -> None:
-                record = asdict(result)
-                for field in ("text", "error"):  # an error may quote request headers: keep keys out of files
-                    if record[field]:
-                        record[field] = scrub(record[field])
-                store.append(record)
-                seen = results.get(result.id)
-                if seen is None or seen.get("text") is None:
-                    results[result.id] = record
-                progress["done"] += 1
-                progress["tokens_out"] += result.tokens_out or 0
-                if progress["done"] % every == 0 or progress["done"] == len(todo):
-                    elapsed = max(time.monotonic() - started, 1e-9)
-                    ctx.log_metrics({"progress.requests_done": progress["done"],
-                                     "progress.tokens_out_per_s": round(progress["tokens_out"] / elapsed, 2)},
-                                    step=progress["done"])
+        def log_progress() -> None:
+            now_sending = time.monotonic() - sending["since"] if sending["since"] is not None else 0.0
+            elapsed = max(stats.seconds + now_sending, 1e-9)
+            ctx.log_metrics({"progress.requests_done": stats.sent,
+                             "progress.tokens_out_per_s": round(stats.tokens_out / elapsed, 2)}, step=stats.sent)
 
-            try:  # request shards as executor tasks; this process alone writes the request cache
-                make = functools.partial(make_backend, self._per_task(cfg, ctx.shards.workers), model_dir, ctx.name)
+        def save(_, r: GenResult) -> None:  # at once here; as its shard's task returns on Ray
+            stats.count(r)
+            stats.retried += r.attempts - 1
+            stats.failed += r.text is None
+            record = asdict(r)
+            for field in ("text", "error"):  # an error may quote request headers: keep keys out of files
+                if record[field]:
+                    record[field] = scrub(record[field])
+            fresh[r.id] = store.append(record)
+            if stats.sent % every == 0:
+                log_progress()
 
-                def save(_, r: GenResult) -> None:  # at once here; as its shard's task returns on Ray
-                    stats.count(r)
-                    stats.retried += r.attempts - 1
-                    stats.failed += r.text is None
-                    on_result(r)
-
-                parts = ctx.shards.map(generate_shard, ctx.shards.slices(todo), setup={"backend": make}, on_emit=save)
-                stats.extra = merge_backend_counters(parts)
-                stats.seconds = time.monotonic() - started
-            finally:
-                store.close()
+        # Window by window: plan, send what the cache lacks, then write the window's rows from the
+        # cache in request order, so memory holds one window (and the index), never n results.
+        # With several workers (Ray) `slices` cuts a window into ~4 tasks per worker, each building its
+        # own backend (loading the model): a window that big gives each task about WINDOW requests.
+        window = WINDOW * (4 * ctx.shards.workers if ctx.shards.workers > 1 else 1)
+        try:
+            with ctx.writer() as out, ctx.writer("rejected") as out_rejected:
+                for first in range(0, cfg.n, window):
+                    planned = plan_requests(cfg, prompts, identity, first, min(cfg.n, first + window))
+                    found, finished = index.lookup([p.request.id for p in planned])
+                    todo = [p.request for p, done in zip(planned, finished) if not done]
+                    todo_count += len(todo)
+                    resent_failed += int(np.count_nonzero(found & ~finished))
+                    fresh.clear()
+                    if todo:  # request shards as executor tasks; this process alone writes the request cache
+                        sending["since"] = time.monotonic()
+                        parts += ctx.shards.map(generate_shard, ctx.shards.slices(todo), setup={"backend": make},
+                                                on_emit=save)
+                        stats.seconds += time.monotonic() - sending["since"]
+                        sending["since"] = None
+                    self._write_tables(ctx, planned, index, fresh, out, out_rejected, tally)
+        finally:
+            store.close()
+        if stats.sent % every:
+            log_progress()
+        stats.extra = merge_backend_counters(parts)
         seconds = time.monotonic() - started
 
-        rows, rejected = self._tables(ctx, planned, results)
-        ctx.write(rows)
-        ctx.reject(rejected)
-        self._report(ctx, planned, todo, resent_failed, stats, seconds, rows, rejected, store.torn_lines)
+        self._report(ctx, cfg.n, todo_count, resent_failed, stats, seconds, tally, index.torn_lines)
         ctx.stats.update(ctx.shards.summary())
-        self._check_failures(rejected, len(planned))
+        self._check_failures(tally, cfg.n)
 
-    def _check_failures(self, rejected, total: int) -> None:
-        failed = rejected.filter(rejected["reason_kind"].is_in(["request_failed", "no_result"]))
-        if failed.height and failed.height > self.config.max_failed_fraction * total:
+    def _write_tables(self, ctx, planned: list[PlannedRequest], index, fresh: dict, out, out_rejected,
+                      tally: "_Tally") -> None:
+        """The rows and rejected rows of these requests, in request order, from their results read
+        back from the cache a batch at a time. `fresh`: this run's own results (request id -> where
+        its line is), which win over the cache's (an earlier failure of the same request)."""
+        for i in range(0, len(planned), TABLE_BATCH):
+            batch = planned[i:i + TABLE_BATCH]
+            rows, rejected = self._tables(ctx, batch, index.read([p.request.id for p in batch], newer=fresh))
+            out.write(rows)
+            out_rejected.write(rejected)
+            tally.add(rows, rejected)
+
+    def _check_failures(self, tally: "_Tally", total: int) -> None:
+        if tally.failed and tally.failed > self.config.max_failed_fraction * total:
             raise DatamillError(
-                f"{failed.height} of {total} requests failed ({failed['reason'][0]}); the finished ones are "
+                f"{tally.failed} of {total} requests failed ({tally.first_failure}); the finished ones are "
                 "saved in the request cache, so a re-run sends only the failed ones (to accept failures, "
                 "raise max_failed_fraction: they then go to the rejected table)")
 
@@ -344,17 +372,15 @@ class GenerateStep(Step):
                          "gen_finish_reason": result.get("finish_reason")})
         return pl.DataFrame(rows, schema=output_schema()), pl.DataFrame(rejected, schema=rejected_schema())
 
-    def _report(self, ctx, planned, todo, resent_failed, stats: BackendStats, seconds, rows, rejected,
-                torn_lines) -> None:
+    def _report(self, ctx, total: int, todo: int, resent_failed: int, stats: BackendStats, seconds: float,
+                tally: "_Tally", torn_lines: int) -> None:
         import polars as pl
 
-        by_reason = dict(sorted(rejected.group_by("reason_kind").len().iter_rows())) if rejected.height else {}
-        total = len(planned)
-        failed = by_reason.get("request_failed", 0) + by_reason.get("no_result", 0)
+        failed = tally.failed
         gen_seconds = stats.seconds or seconds
         numbers = {
             "requests_total": total,
-            "requests_cached": total - len(todo),
+            "requests_cached": total - todo,
             "sent": stats.sent,
             "retried": stats.retried,
             "resent_failed": resent_failed,
@@ -364,25 +390,71 @@ class GenerateStep(Step):
             "generate_seconds": round(gen_seconds, 3),
             "requests_per_s": round(stats.sent / gen_seconds, 3) if stats.sent and gen_seconds else 0.0,
             "tokens_out_per_s": round(stats.tokens_out / gen_seconds, 2) if stats.tokens_out and gen_seconds else 0.0,
-            "parsed": rows.height,
-            "rejected": rejected.height,
-            "parse_rate": round(rows.height / max(total - failed, 1), 4),
+            "parsed": tally.rows,
+            "rejected": tally.rejected,
+            "parse_rate": round(tally.rows / max(total - failed, 1), 4),
             "torn_lines": torn_lines,
         }
         ctx.stats.update(numbers)
-        ctx.stats["rejected_by_reason"] = by_reason
+        ctx.stats["rejected_by_reason"] = dict(sorted(tally.by_reason.items()))
         if stats.extra:
             ctx.stats["backend"] = stats.extra
         # The stats are logged as metrics by the tracker (`<step>.sent`, `<step>.rejected_by_reason.<kind>`).
-        if rows.height:
+        rows, rejected = tally.rows_head, tally.rejected_head
+        if rows is not None and rows.height:
             ctx.log_sample(rows.select(
                 pl.col("messages").list.first().struct.field("content").alias("user"),
                 pl.col("messages").list.last().struct.field("content").alias("assistant"),
                 "gen_prompt", "category", "gen_index", "gen_subindex", "gen_topic", "gen_finish_reason", "request_id",
             ), rows=SAMPLE_ROWS)
-        if rejected.height:
+        if rejected is not None and rejected.height:
             ctx.log_sample(rejected.select("reason_kind", "reason", "raw", "gen_prompt", "request_id"),
-                           name="rejected_sample", rows=20)
+                           name="rejected_sample", rows=REJECTED_SAMPLE_ROWS)
+
+
+class _BuiltOnce:
+    """A backend factory that builds once per process: the windows of a run share one backend here
+    (one model load); a Ray task gets it pickled without what it built, and builds its own."""
+
+    def __init__(self, make):
+        self.make, self.built = make, None
+
+    def __call__(self):
+        if self.built is None:
+            self.built = self.make()
+        return self.built
+
+    def __getstate__(self):
+        return {"make": self.make, "built": None}
+
+
+@dataclass
+class _Tally:
+    """What the report and the failure check need of the tables, gathered as batches are written."""
+
+    rows: int = 0
+    rejected: int = 0
+    by_reason: dict = dc_field(default_factory=dict)
+    failed: int = 0  # requests that failed or got no result
+    first_failure: Optional[str] = None  # the first one's reason, in request order
+    rows_head: Any = None  # the first rows and rejected rows, for the logged samples
+    rejected_head: Any = None
+
+    def add(self, rows, rejected) -> None:
+        import polars as pl
+
+        self.rows += rows.height
+        self.rejected += rejected.height
+        for kind, count in rejected.group_by("reason_kind").len().iter_rows():
+            self.by_reason[kind] = self.by_reason.get(kind, 0) + count
+        failed = rejected.filter(rejected["reason_kind"].is_in(["request_failed", "no_result"]))
+        self.failed += failed.height
+        if self.first_failure is None and failed.height:
+            self.first_failure = failed["reason"][0]
+        self.rows_head = rows.head(SAMPLE_ROWS) if self.rows_head is None else (
+            pl.concat([self.rows_head, rows.head(SAMPLE_ROWS - self.rows_head.height)]))
+        self.rejected_head = rejected.head(REJECTED_SAMPLE_ROWS) if self.rejected_head is None else (
+            pl.concat([self.rejected_head, rejected.head(REJECTED_SAMPLE_ROWS - self.rejected_head.height)]))
 
 
 def output_schema() -> dict:
