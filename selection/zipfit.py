@@ -10,18 +10,22 @@ Two modes:
   (`naive_zipfit_scores`, kept as the reference for tests and benchmarks). gzip's output is a
   10-byte header, the raw DEFLATE stream and an 8-byte trailer, so C(s) is the raw stream's size
   plus 18. The sizes come from `selection/_deflate_size.c`, a C kernel that makes zlib's
-  decisions (match search, blocks, Huffman trees) and counts the bits without writing them; it
-  is checked against this process's zlib on probe texts before first use, per level, and zlib
-  itself is used for any level where it disagrees, for inputs over 65,000 bytes, and when the
-  kernel is not built (with a warning: same scores, about 3x slower).
-- `fast`: the kernel's LZ77 parse with Huffman code lengths estimated from the symbol counts
-  instead of built: C(s) within a byte or two of gzip's, about 2.5x quicker than `exact`, and
-  not equal to the paper's numbers (bench/zipfit.md reports its rank correlation).
+  decisions (match search, blocks, Huffman trees) and counts the bits without writing them. It
+  shares work between pairs: each candidate x is parsed once, up to the point where what follows
+  it starts to matter, and every target continues from there; each target's own hash chains are
+  summarized once (`prepare_targets`), so a pair only searches the candidate's part. It is
+  checked against this process's zlib on probe texts and probe pairs before first use, per
+  level, and zlib itself is used for any level where it disagrees, for inputs over 65,000 bytes,
+  and when the kernel is not built (with a warning: same scores, several times slower).
+- `fast`: the same parse with optimal Huffman code lengths instead of zlib's own (whose
+  tie-breaking must be simulated with its heap): C(s) within a byte or two of gzip's, somewhat
+  quicker than `exact`, and not equal to the paper's numbers (bench/zipfit.md reports its speed
+  and rank correlation).
 
-Pairs run on threads (the kernel releases the GIL). Notes on the reference: it now defaults to
-lz4 at level 0 (and gzip level 0 stores the data uncompressed, reducing NCD to length
-arithmetic); datamill follows the paper with gzip and `level` (default 9, Python's gzip default;
-level 1 is the first release's).
+Pairs run on threads (the kernel releases the GIL), in chunks of candidates against all targets
+(one C call per chunk). Notes on the reference: it now defaults to lz4 at level 0 (and gzip
+level 0 stores the data uncompressed, reducing NCD to length arithmetic); datamill follows the
+paper with gzip and `level` (default 9, Python's gzip default; level 1 is the first release's).
 """
 
 from __future__ import annotations
@@ -72,11 +76,13 @@ def zipfit_scores(candidates: list[str], targets: list[str], *, level: int = 9, 
     target_sizes = _sizes(kernel, ys, level, fast)
     candidate_sizes = _sizes(kernel, xs, level, fast)
     scores = np.empty(len(xs), dtype=np.float64)
+    # what every pair with the same target shares, made once (older builds: per call, internally)
+    prepared = kernel.prepare_targets(ys, level) if hasattr(kernel, "prepare_targets") else ys
 
     def chunk(start: int) -> int:
         part = xs[start:start + _CHUNK]
         pairs = np.empty((len(part), len(ys)), dtype=np.int32)
-        kernel.pair_sizes(part, ys, level, pairs, fast)
+        kernel.pair_sizes(part, prepared, level, pairs, fast)
         for i, j in zip(*np.nonzero(pairs < 0)):  # too long for the kernel: zlib
             pairs[i, j] = len(zlib.compress(part[i] + ys[j], level, -15))
         pairs += GZIP_OVERHEAD
@@ -145,14 +151,30 @@ def _kernel(level: int, mode: str):
         return None
     if level == 0:
         return None  # stored blocks: zlib is as fast
-    if mode == "exact":
-        probes = _probe_texts()
-        if kernel.sizes(probes, level) != [len(zlib.compress(p, level, -15)) for p in probes]:
-            warnings.warn(f"ZIP-FIT's C kernel disagrees with this zlib ({zlib.ZLIB_RUNTIME_VERSION}) at level "
-                          f"{level}; using zlib itself for exact scores (same scores, about 3x slower).",
-                          RuntimeWarning, stacklevel=3)
-            return None
+    if mode == "exact" and not _agrees_with_zlib(kernel, level):
+        warnings.warn(f"ZIP-FIT's C kernel disagrees with this zlib ({zlib.ZLIB_RUNTIME_VERSION}) at level "
+                      f"{level}; using zlib itself for exact scores (same scores, several times slower).",
+                      RuntimeWarning, stacklevel=3)
+        return None
     return kernel
+
+
+def _agrees_with_zlib(kernel, level: int) -> bool:
+    """The kernel's sizes of the probe texts, and of the probe pairs (the shared-work path), equal
+    this zlib's (-1 where the kernel leaves an input to zlib)."""
+    probes = _probe_texts()
+    if kernel.sizes(probes, level) != [len(zlib.compress(p, level, -15)) for p in probes]:
+        return False
+    if not hasattr(kernel, "pair_sizes"):
+        return True
+    limit = getattr(kernel, "COVERED_INPUT", 65_000)
+    for xs, ys in _probe_pairs():
+        got = np.empty((len(xs), len(ys)), dtype=np.int32)
+        kernel.pair_sizes(xs, ys, level, got)
+        want = [[len(zlib.compress(x + y, level, -15)) if len(x) + len(y) <= limit else -1 for y in ys] for x in xs]
+        if not np.array_equal(got, want):
+            return False
+    return True
 
 
 @cache
@@ -173,6 +195,30 @@ def _probe_texts() -> list[bytes]:
     rng.shuffle(skewed)
     return [b"", b"a", b"ab", b"abc", b"a" * 1000, b"ab" * 6000 + b"c" * 40000, *prose, *noise,
             bytes(skewed[:60000]), ("Über naïve café — 東京 " * 200).encode(), prose[2] + noise[1] + prose[2]]
+
+
+@cache
+def _probe_pairs() -> list[tuple[list[bytes], list[bytes]]]:
+    """Candidate x target blocks for the kernel's shared work: prose that runs on across the
+    boundary (x's last match reaching into y, y continuing x's phrases), y repeating x, empty and
+    1-2 byte candidates, long runs (`nice` matches, the shorter chain budget after a good match),
+    a target longer than the window distance, a pair longer than it, a candidate of more than one
+    block, and a pair over the covered length (left to zlib)."""
+    rng = random.Random(20261203)
+    words = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
+             "tau upsilon phi chi psi omega the of and to in is that").split()
+
+    def prose(n: int) -> bytes:
+        return " ".join(rng.choice(words) for _ in range(n)).encode()
+
+    shared, unicode = prose(60), "naïve café — 東京 ".encode() * 20
+    xs = [b"", b"a", b"ab", prose(80) + shared[:150], shared * 3, prose(5) + b"abababababab", b"z" * 300,
+          prose(120), b"ab\0\0" * 40]
+    ys = [shared[150:] + prose(40), shared + prose(30), b"", b"a", b"ab", b"abcabcabc", b"ab" * 700 + prose(20),
+          b"z" * 1000, prose(90) + shared[:200] + b"a" * 400, unicode, b"\0ab\0\0" * 30 + b"\0" * 20]
+    blocks, far = rng.randbytes(20_000) + prose(50), prose(7_000)  # > 16,383 symbols; > 32,506 bytes
+    return [(xs, ys), ([blocks, far, prose(30)], [prose(60) + shared, shared[:200], unicode]),
+            ([prose(40), shared, b"w" * 65_001], [far, b"q" * 64_990])]
 
 
 def _zlib_scores(xs: list[bytes], ys: list[bytes], level: int, workers: int, progress) -> np.ndarray:

@@ -4,16 +4,20 @@ and the fallbacks when the kernel is missing or wrong."""
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import random
 import string
 import sys
 import types
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from selection import zipfit
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def tricky_texts(seed: int) -> list[str]:
@@ -169,3 +173,112 @@ def test_zipfit_prefers_texts_like_the_targets_and_checks_its_arguments():
         zipfit.zipfit_scores(candidates, targets, mode="quick")
     with pytest.raises(ValueError, match="level must be 0..9"):
         zipfit.zipfit_scores(candidates, targets, level=10)
+
+
+# ---- realistic lengths: the scale corpus (bench/corpus.py), median ~530 characters, tail to 8k ----
+
+
+def scale_corpus():
+    spec = importlib.util.spec_from_file_location("bench_corpus", ROOT / "bench" / "corpus.py")
+    corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(corpus)
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def realistic():
+    """Candidates and targets of instruction length, and the inputs past each of the kernel's
+    limits: several-KB texts (the corpus's longest), non-ASCII, a target longer than the window
+    distance (32,506 bytes: no target summary), a pair longer than it, a candidate of more than
+    one block (> 16,383 symbols), pairs over the covered 65,000 bytes (zlib for the pair) and a
+    candidate over it (zlib for its every pair)."""
+    corpus = scale_corpus()
+    rows = [row for chunk in corpus.corpus_rows(800, seed=7) for row in chunk]
+    texts = corpus.texts(rows)
+    by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    rng = random.Random(7)
+    typical = [texts[i] for i in rng.sample(by_length[:700], 14)]
+    longest = [texts[i] for i in by_length[-4:]]
+    unicode = [t.replace("the", "thé").replace(" a ", " — 東京 ") + " Привет 🚀" for t in typical[:3]]
+    far = " ".join(texts[i] for i in by_length[-40:])[:40_000]
+    blocks = "".join(chr(rng.randrange(0x20, 0x2FF)) for _ in range(12_000))  # ~22 KB, > 16,383 symbols
+    over = (texts[0] * 200)[:66_000]
+    candidates = typical + longest + unicode + [far, blocks, over, "", "a"]
+    targets = corpus.target_texts(6, seed=2) + [longest[0], unicode[0], far[:33_000], "", "é"]
+    assert max(len(c) for c in longest) > 3_000 and len(far[:33_000].encode()) > 32_506
+    assert len(over) > 65_000 and len(far) + 33_000 > 65_000
+    return candidates, targets
+
+
+@pytest.mark.parametrize("level", [9, 6, 1])
+def test_exact_scores_equal_the_paper_method_at_realistic_lengths(level, realistic, monkeypatch):
+    candidates, targets = realistic
+    expected = zipfit.naive_zipfit_scores(candidates, targets, level=level)
+    np.testing.assert_array_equal(zipfit.zipfit_scores(candidates, targets, level=level, workers=1), expected)
+    monkeypatch.setattr(zipfit, "_PARALLEL_PAIRS", 1)
+    monkeypatch.setattr(zipfit, "_CHUNK", 4)
+    np.testing.assert_array_equal(zipfit.zipfit_scores(candidates, targets, level=level, workers=2), expected)
+
+
+@pytest.mark.parametrize("level", range(1, 10))
+def test_pair_sizes_equal_zlib_at_realistic_lengths(level, realistic):
+    """The kernel on its own: every pair's size is zlib's (-1 where zlib is left to do it), with the
+    targets prepared once and reused, as zipfit_scores does, and given as a plain list."""
+    from selection import _deflate_size as kernel
+
+    candidates, targets = realistic
+    xs, ys = [c.encode() for c in candidates], [t.encode() for t in targets]
+    want = [[len(zlib.compress(x + y, level, -15)) if len(x) + len(y) <= kernel.COVERED_INPUT else -1 for y in ys]
+            for x in xs]
+    prepared = kernel.prepare_targets(ys, level)
+    for given in (prepared, prepared, ys):
+        got = np.empty((len(xs), len(ys)), dtype=np.int32)
+        kernel.pair_sizes(xs, given, level, got)
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="prepared for level"):
+        kernel.pair_sizes(xs, prepared, level % 9 + 1, np.empty((len(xs), len(ys)), dtype=np.int32))
+
+
+def test_pair_sizes_where_x_and_y_meet():
+    """The candidate is parsed once up to where what follows it matters: matches that run from x
+    into y, y repeating x's end, x's last bytes hashed with y's first, tiny and empty sides, and a
+    block that ends in y."""
+    from selection import _deflate_size as kernel
+
+    rng = random.Random(11)
+    words = [bytes(rng.choice(b"abcde ") for _ in range(rng.randrange(1, 7))) for _ in range(40)]
+    base = b"".join(rng.choice(words) for _ in range(400))
+    xs, ys = [], []
+    for cut in (0, 1, 2, 3, 50, 257, 258, 259, 700, len(base) - 2, len(base)):
+        xs.append(base[:cut])
+        ys.append(base[cut:cut + 600])
+    xs += [b"ab" * 300, b"ab" * 300 + b"a", b"\0" * 10, b"z" * 1000, rng.randbytes(16_200)]  # last: a block ends in y
+    ys += [b"ab" * 300, b"b" + b"ab" * 300, b"\0" * 400, b"z" * 2, b"", b"abc"]
+    for level in range(1, 10):
+        got = np.empty((len(xs), len(ys)), dtype=np.int32)
+        kernel.pair_sizes(xs, kernel.prepare_targets(ys, level), level, got)
+        np.testing.assert_array_equal(got, [[len(zlib.compress(x + y, level, -15)) for y in ys] for x in xs])
+
+
+def test_many_inputs_wrap_the_hash_table_stamps():
+    """Hash table entries carry a 16-bit input stamp instead of being cleared: after 65,535 inputs
+    the table is cleared once and the stamps start over."""
+    from selection import _deflate_size as kernel
+
+    texts = [f"{i} {i * 7} {i % 13} abc abc".encode() for i in range(70_000)]
+    sample = list(range(0, 70_000, 997)) + list(range(65_530, 65_545))
+    sizes = kernel.sizes(texts, 6)
+    assert [sizes[i] for i in sample] == [len(zlib.compress(texts[i], 6, -15)) for i in sample]
+
+
+def test_fast_mode_ranks_like_exact_at_realistic_lengths():
+    from scipy.stats import spearmanr
+
+    corpus = scale_corpus()
+    candidates = corpus.texts([row for chunk in corpus.corpus_rows(300, seed=5) for row in chunk])
+    targets = corpus.target_texts(40, seed=1)
+    exact = zipfit.zipfit_scores(candidates, targets)
+    fast = zipfit.zipfit_scores(candidates, targets, mode="fast")
+    assert not np.array_equal(exact, fast)
+    assert spearmanr(exact, fast)[0] >= 0.995
+    assert len(set(np.argsort(-exact)[:30]) & set(np.argsort(-fast)[:30])) >= 26
