@@ -7,6 +7,14 @@ are. Either way a row that cannot be read (invalid UTF-8, bad JSON, not an objec
 normalised goes to `<name>__rejected` with its line number and the reason: nothing is dropped
 silently. A source that ends with no row at all (an empty file, or every row rejected) fails
 with the reasons unless `allow_empty: true`.
+
+Rows are read in batches (32 MB of JSON Lines, 65,536 rows of a table or CSV file), parsed into
+columns (pyarrow's JSON reader, which refuses what it cannot read as Python's json does) and
+normalised by columns (`records.normalize_columns`); the rows that cannot be decided that way
+with certainty, and every row of a batch the JSON reader refuses, take the row path (Python's
+json, `records.normalize_record`), so that both tables are exactly what the row path makes of
+the input. Each batch is written as it is done: memory holds a batch, not the input. JSON
+arrays (.json) and `schema: raw` CSV files are read a row at a time.
 """
 
 from __future__ import annotations
@@ -25,6 +33,12 @@ FORMAT_SUFFIXES = {"jsonl": {".jsonl", ".ndjson"}, "json": {".json"}, "parquet":
                    "csv": {".csv"}}
 HUB_ONLY_FIELDS = ("hf_config", "revision", "token_env")
 _PROGRESS_EVERY = 1000  # rows between progress updates: a redraw per row would cost more than the row
+_BLOCK_BYTES = 32 << 20  # JSON Lines are read this much at a time (~50k rows of ~600 bytes)
+_JSON_BLOCK_BYTES = 4 << 20  # ... and parsed by pyarrow in blocks of this size
+_TABLE_ROWS = 65_536  # rows of a Parquet/datasets table or of a CSV file normalised at a time
+# Read every row through the row path (`normalize_record` on one dict at a time) instead of by
+# columns: the reference that tests/test_source_fast.py compares the column path with.
+_ROW_PATH = False
 
 
 class SourceConfig(StepConfig):
@@ -106,31 +120,39 @@ class SourceStep(Step):
         from datamill.records import concat_frames
 
         budget = RowBudget(self.config.limit)
-        oks, rejects = [], []
-        for label, reader in self._readers(ctx):
-            if budget.exhausted:
-                break
-            ok, rejected = self._read_one(ctx, label, reader, budget)
-            oks.append(ok)
-            rejects.append(rejected.with_columns(_literal("file", label)))
-        if not oks:  # a limit of rows reached before the first file, or an empty folder
-            oks, rejects = [self._empty_ok()], [_empty_rejected()]
-        ok, rejected = concat_frames(oks), concat_frames(rejects)
-        if ok.height == 0 and not self.config.allow_empty:
-            raise DatamillError(self._no_rows_message(ctx.name, rejected))
-        if not ok.columns:
-            # `schema: raw` with no good row of a JSON input has no columns to give the table, and
-            # a Parquet file without columns is unreadable (DuckDB refuses it): fail with the reason.
-            raise DatamillError(f"`schema: raw` found no good row in {self._origin()} to take the columns "
-                                f"from ({rejected.height} rejected); an empty table needs columns, which "
-                                "only a CSV header or a Parquet/datasets schema can give")
-        ctx.write(ok)
-        ctx.reject(rejected)
-        ctx.stats.update({"rows_in": ok.height + rejected.height, "rows_out": ok.height,
+        rows_out, columns, written = 0, set(), False
+        reasons = []  # (reason, file, line) of the rejected rows: the stats and messages name the main ones
+        # Both tables are written batch by batch: memory holds a batch, not the input.
+        with ctx.writer("rejected") as rejected_out, ctx.writer() as out:
+            rejected_out.write(_empty_rejected())  # the side table exists even when nothing is rejected
+            for label, reader in self._readers(ctx):
+                if budget.exhausted:
+                    break
+                for ok, rejected in self._read_one(ctx, label, reader, budget):
+                    if ok.width:  # `schema: raw` of a batch with no good row has no columns to write
+                        out.write(ok)
+                        written = True
+                    rows_out += ok.height
+                    columns.update(ok.columns)
+                    rejected = rejected.with_columns(_literal("file", label))
+                    rejected_out.write(rejected)
+                    reasons.append(rejected.select("reason", "file", "line"))
+            rejected = concat_frames(reasons) if reasons else _empty_rejected()
+            if rows_out == 0 and not self.config.allow_empty:
+                raise DatamillError(self._no_rows_message(ctx.name, rejected))
+            if not columns and self.config.record_schema == "raw":
+                # `schema: raw` with no good row of a JSON input has no columns to give the table, and
+                # a Parquet file without columns is unreadable (DuckDB refuses it): fail with the reason.
+                raise DatamillError(f"`schema: raw` found no good row in {self._origin()} to take the columns "
+                                    f"from ({rejected.height} rejected); an empty table needs columns, which "
+                                    "only a CSV header or a Parquet/datasets schema can give")
+            if not written:  # a limit of rows reached before the first file, or an empty folder
+                out.write(self._empty_ok())
+        ctx.stats.update({"rows_in": rows_out + rejected.height, "rows_out": rows_out,
                           "rejected": rejected.height})
         if rejected.height:
             # Shown under the step's row counts (executor `_rows_note`) and kept as an MLflow tag.
-            ctx.stats["warning"] = (f"{rejected.height} of {ok.height + rejected.height} rows rejected "
+            ctx.stats["warning"] = (f"{rejected.height} of {rows_out + rejected.height} rows rejected "
                                     f"(see {ctx.name}__rejected): " + "; ".join(_top_reasons(rejected)))
 
     def _origin(self) -> str:
@@ -170,23 +192,14 @@ class SourceStep(Step):
                 yield label, make_file_reader(file, fmt)
 
     def _read_one(self, ctx, label: str, reader: "FileReader", budget: "RowBudget"):
+        """(ok, rejected) frames, batch by batch, of one input file or dataset."""
         from datamill.progress import bar
-        from datamill.records import concat_frames, normalize_frame, raw_text, rejected_frame
 
-        parse_rejects: list[tuple] = []  # (line, reason, raw input)
         total = budget.cap(reader.count_rows())
+        cfg = self.config
         with bar(f"{ctx.name}: {label}", total=total) as progress:
-            rows = _good_rows(reader.items(self.config.max_row_bytes), budget, progress, parse_rejects)
-            if self.config.record_schema == "raw":
-                ok = reader.raw_frame(rows)
-                normalize_rejects = rejected_frame([])
-            else:
-                # The size was checked on the raw input already, so max_row_bytes=None here.
-                ok, normalize_rejects = normalize_frame(rows, ctx.name, max_row_bytes=None)
-        parse_rejected = rejected_frame(
-            [{"line": line, "reason": reason, "raw": raw_text(raw)} for line, reason, raw in parse_rejects])
-        rejected = concat_frames([parse_rejected, normalize_rejects]).sort("line", maintain_order=True)
-        return ok, rejected
+            job = Job(ctx.name, cfg.record_schema, cfg.max_row_bytes, budget, progress)
+            yield from (row_path_batches(reader, job) if _ROW_PATH else reader.batches(job))
 
     def _empty_ok(self):
         import polars as pl
@@ -254,6 +267,30 @@ class RowBudget:
         self.left -= 1
         return self.left >= 0
 
+    def take_many(self, wanted: int) -> int:
+        """How many of `wanted` more rows may be read (all of them without a limit)."""
+        if self.left is None:
+            return wanted
+        allowed = min(wanted, max(self.left, 0))
+        self.left -= allowed
+        return allowed
+
+
+def _item_batches(items, job: "Job", size: int):
+    """A reader's items in lists of `size`, within the row budget, with progress."""
+    batch = []
+    for item in items:
+        if not job.budget.take():
+            break
+        batch.append(item)
+        if len(batch) == size:
+            job.progress.advance(len(batch))
+            yield batch
+            batch = []
+    job.progress.advance(len(batch))
+    if batch:
+        yield batch
+
 
 def _good_rows(items, budget: RowBudget, progress, parse_rejects: list) -> Iterator[tuple[int, dict]]:
     """Pass parsed rows on, set aside the ones that failed to parse, count and show progress."""
@@ -272,12 +309,149 @@ def _good_rows(items, budget: RowBudget, progress, parse_rejects: list) -> Itera
     progress.advance(pending)
 
 
+class Job:
+    """What reading one input needs besides the reader: the step's name (the `source` column),
+    the schema, the row size limit, the shared row budget and the progress bar."""
+
+    def __init__(self, source: str, schema: str, max_row_bytes: int, budget: RowBudget, progress):
+        self.source, self.schema, self.max_row_bytes = source, schema, max_row_bytes
+        self.budget, self.progress = budget, progress
+
+
+def row_path_batches(reader: "FileReader", job: Job):
+    """One (ok, rejected) batch of a whole input, a row at a time: each row parsed into a dict
+    and normalised by `normalize_record`."""
+    from datamill.records import concat_frames, normalize_frame, raw_text, rejected_frame
+
+    parse_rejects: list[tuple] = []  # (line, reason, raw input)
+    rows = _good_rows(reader.items(job.max_row_bytes), job.budget, job.progress, parse_rejects)
+    if job.schema == "raw":
+        ok = reader.raw_frame(rows)
+        normalize_rejects = rejected_frame([])
+    else:
+        # The size was checked on the raw input already, so max_row_bytes=None here.
+        ok, normalize_rejects = normalize_frame(rows, job.source, max_row_bytes=None)
+    parse_rejected = rejected_frame(
+        [{"line": line, "reason": reason, "raw": raw_text(raw)} for line, reason, raw in parse_rejects])
+    yield ok, concat_frames([parse_rejected, normalize_rejects]).sort("line", maintain_order=True)
+
+
+# --- reading by columns --------------------------------------------------------------------
+# A batch of rows is parsed into a DataFrame and normalised column-wise (`normalize_columns`),
+# and the rows it cannot be certain of take the row path, so that the tables are the ones the
+# row path gives. An item is (line, row, problem) as the readers' `items` yield them.
+
+def _row_path(items, source: str):
+    """Items through `normalize_record`: ([(line, record)], [rejected {line, reason, raw}])."""
+    from datamill.records import RecordError, normalize_record, raw_text
+
+    records, rejects = [], []
+    for line, row, problem in items:
+        if problem is None:
+            try:
+                records.append((line, normalize_record(row, source)))
+                continue
+            except RecordError as err:
+                problem = err.reason
+        rejects.append({"line": line, "reason": problem, "raw": raw_text(row)})
+    return records, rejects
+
+
+def _rows_only(items):
+    """`_row_path` for `schema: raw`: the rows as they are."""
+    from datamill.records import raw_text
+
+    rows = [(line, row) for line, row, problem in items if problem is None]
+    rejects = [{"line": line, "reason": problem, "raw": raw_text(row)} for line, row, problem in items
+               if problem is not None]
+    return rows, rejects
+
+
+def _merge(ok, ok_lines, rows, extras_from: int):
+    """The rows normalised by columns (`ok`, at `ok_lines`) and by the row path (`rows`: (line,
+    record)) in one frame, in line order; None when it could differ from the frame the row path
+    makes of all of them (its types and column order come from the records in order), in which
+    case the caller takes the row path for the whole batch. `extras_from`: where the columns that
+    come from the input start (after the canonical ones; 0 for `schema: raw`)."""
+    import numpy as np
+    import polars as pl
+
+    from datamill.records import records_frame
+
+    if not rows:
+        return ok
+    slow = records_frame([r for _, r in rows]) if extras_from else frame_from_dicts([r for _, r in rows])
+    if ok.height == 0:
+        return slow
+    # Same keys in the same order in every row-path record as in `ok`: then the first-seen column
+    # order of all the rows is `ok`'s (a record with other keys could come first).
+    extras = ok.columns[extras_from:]
+    if any(list(record)[extras_from:] != extras for _, record in rows):
+        return None
+    for name, dtype in slow.schema.items():
+        if dtype != ok.schema[name] and pl.Null not in (dtype, ok.schema[name]):
+            return None  # a type the two infer apart (a column of ints and texts, ...)
+    both = pl.concat([ok, slow], how="diagonal_relaxed")
+    order = np.argsort(np.concatenate([np.asarray(ok_lines), [line for line, _ in rows]]), kind="stable")
+    return both[order]
+
+
+def _by_columns(job: Job, frame, lines, items_of, others, reparse=None, retype=None):
+    """(ok, rejected) of a batch of rows.
+
+    frame, lines: the rows parsed into columns, and their line numbers (numpy);
+    items_of(indices): those rows (positions in `frame`) as the row path reads them: items;
+    others: items the column reader did not take (lines it leaves to Python, rows it rejected);
+    reparse(indices): the frame of just those rows, its types inferred from them alone, or None
+      (a JSON reader infers types from the rows it reads; the row path from the rows it keeps);
+    retype(frame): the input's columns with the types the row path gives them.
+    """
+    import numpy as np
+
+    from datamill.records import CANONICAL_COLUMNS, normalize_columns, records_frame, rejected_frame
+
+    def row_path():
+        items = sorted([*items_of(np.arange(frame.height)), *others], key=lambda item: item[0])
+        if job.schema == "raw":
+            rows, rejects = _rows_only(items)
+            return frame_from_dicts([row for _, row in rows]), rejected_frame(rejects)
+        records, rejects = _row_path(items, job.source)
+        return records_frame([record for _, record in records]), rejected_frame(rejects)
+
+    if job.schema == "raw":
+        rows, rejects = _rows_only(sorted(others, key=lambda item: item[0]))
+        ok = _merge(frame if retype is None else retype(frame), lines, rows, 0)
+        return (ok, rejected_frame(rejects)) if ok is not None else row_path()
+
+    ok, fast = normalize_columns(frame, job.source)
+    kept = np.flatnonzero(fast.to_numpy())
+    if reparse is not None and 0 < len(kept) < frame.height:
+        again = reparse(kept)
+        if again is None:
+            return row_path()
+        ok, fast_again = normalize_columns(again, job.source)
+        if not fast_again.all():
+            return row_path()
+    slow = np.flatnonzero(~fast.to_numpy())
+    records, rejects = _row_path(sorted([*items_of(slow), *others], key=lambda item: item[0]), job.source)
+    width = len(CANONICAL_COLUMNS)  # the input's own columns come after these
+    if retype is not None and ok.height and ok.width > width:
+        ok = ok[:, :width].hstack(retype(ok[:, width:]))
+    ok = _merge(ok, lines[kept], records, width)
+    return (ok, rejected_frame(rejects)) if ok is not None else row_path()
+
+
 class FileReader:
     def count_rows(self) -> int | None:
         return None
 
     def items(self, max_row_bytes: int):
         raise NotImplementedError
+
+    def batches(self, job: Job):
+        """(ok, rejected) frames of the input, batch by batch; readers that can read by columns
+        override this, the others read a row at a time."""
+        return row_path_batches(self, job)
 
     def raw_frame(self, rows):
         """`schema: raw`: the good rows as a DataFrame with their own columns."""
@@ -303,34 +477,212 @@ class JsonlReader(FileReader):
         return _count_lines(self.path)
 
     def items(self, max_row_bytes: int):
-        import json
-
         with open(self.path, "rb") as f:
             for line_no, raw in enumerate(f, 1):
-                if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+                if line_no == 1 and raw.startswith(_BOM):
                     raw = raw[3:]
-                raw = raw.rstrip(b"\r\n")
-                if not raw.strip():
-                    continue  # blank lines hold no row
-                if len(raw) > max_row_bytes:
-                    from datamill.records import oversized_reason
+                item = _jsonl_item(line_no, raw, max_row_bytes)
+                if item is not None:
+                    yield item
 
-                    yield line_no, raw, oversized_reason(len(raw), max_row_bytes)
-                    continue
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    yield line_no, raw, _invalid_utf8(raw, err)
-                    continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as err:
-                    yield line_no, text, f"invalid JSON: {err.msg} at column {err.colno}"
-                    continue
-                if not isinstance(row, dict):
-                    yield line_no, text, f"line is a JSON {_json_type(row)}, expected an object"
-                    continue
-                yield line_no, row, None
+    def batches(self, job: "Job"):
+        import numpy as np
+
+        first = 1  # the number of a block's first line
+        for data in _line_blocks(self.path):
+            if first == 1 and data.startswith(_BOM):
+                data = data[3:]  # not part of line 1, as in `items`
+            ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
+            if not data.endswith(b"\n"):
+                ends = np.append(ends, len(data))
+            yield _jsonl_batch(data, ends, first, job)
+            first += len(ends)
+            if job.budget.exhausted:
+                return
+
+
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark
+
+
+def _jsonl_item(line_no: int, raw: bytes, max_row_bytes: int):
+    """One line as the row path reads it: (line, row, problem), or None for a blank line."""
+    import json
+
+    raw = raw.rstrip(b"\r\n")
+    if not raw.strip():
+        return None  # blank lines hold no row
+    if len(raw) > max_row_bytes:
+        from datamill.records import oversized_reason
+
+        return line_no, raw, oversized_reason(len(raw), max_row_bytes)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return line_no, raw, _invalid_utf8(raw, err)
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as err:
+        return line_no, text, f"invalid JSON: {err.msg} at column {err.colno}"
+    if not isinstance(row, dict):
+        return line_no, text, f"line is a JSON {_json_type(row)}, expected an object"
+    return line_no, row, None
+
+
+def _line_blocks(path: Path) -> Iterator[bytes]:
+    """The whole lines of a file, about `_BLOCK_BYTES` at a time."""
+    with open(path, "rb") as f:
+        while data := f.read(_BLOCK_BYTES):
+            parts = [data]  # a line longer than a block is read to its end
+            while b"\n" not in parts[-1] and (more := f.read(_BLOCK_BYTES)):
+                parts.append(more)
+            data = b"".join(parts) if len(parts) > 1 else data
+            end = data.rfind(b"\n") + 1 or len(data)
+            if end < len(data):
+                f.seek(end - len(data), 1)  # the unfinished line starts the next block
+                data = data[:end]
+            yield data
+
+
+def _jsonl_batch(data: bytes, ends, first: int, job: "Job"):
+    """(ok, rejected) of a block of JSON Lines (its lines end at `ends`) starting at line `first`."""
+    import numpy as np
+    import polars as pl
+
+    buf = np.frombuffer(data, dtype=np.uint8)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    numbers = np.arange(first, first + len(ends))
+    # Lines the JSON reader takes: an object (`{` first) within the size limit (counting a
+    # trailing \r, which the row path leaves out). Blank lines, leading spaces, other values and
+    # oversized lines are read by `_jsonl_item`, as in the row path.
+    sizes = ends - starts
+    regular = sizes > 0
+    regular[regular] = (buf[starts[regular]] == ord("{")) & (sizes[regular] <= job.max_row_bytes)
+    others = {i: _jsonl_item(int(numbers[i]), data[starts[i]:ends[i]], job.max_row_bytes)
+              for i in np.flatnonzero(~regular).tolist()}
+    counted = regular.copy()  # the lines that are rows (not blank): what `limit` counts
+    counted[list(others)] = [item is not None for item in others.values()]
+    rows = int(counted.sum())
+    taken = job.budget.take_many(rows)
+    if taken < rows:
+        within = np.cumsum(counted) <= taken
+        regular &= within
+        others = {i: item for i, item in others.items() if within[i]}
+    job.progress.advance(taken)
+    others = [item for item in others.values() if item is not None]
+
+    positions = np.flatnonzero(regular)  # the lines given to the JSON reader, its rows
+
+    def raw(i):  # the bytes of row i
+        return data[starts[positions[i]]:ends[positions[i]]]
+
+    def items_of(indices):
+        return [_jsonl_item(int(numbers[positions[i]]), raw(i), job.max_row_bytes) for i in indices]
+
+    def payload(indices):
+        if len(indices) == len(ends):
+            return data  # every line of the block: no copy
+        return b"\n".join(raw(i) for i in indices)
+
+    def read(indices):
+        return _read_json_lines(payload(indices), len(indices), int(sizes.max(initial=0)))
+
+    everything = np.arange(len(positions))
+    frame = read(everything) if len(positions) else pl.DataFrame()
+    if frame is None:
+        # A line the JSON reader refuses (bad JSON, a type that changes from row to row, a
+        # value Python reads otherwise): read every line in Python; then the good ones by
+        # columns again, unless they are what the JSON reader refused.
+        items = items_of(everything)
+        good = np.array([k for k, item in enumerate(items) if item[2] is None], dtype=np.int64)
+        bad = [item for item in items if item[2] is not None]
+        frame = read(good) if bad and len(good) else None
+        if frame is None:
+            return _by_columns(job, pl.DataFrame(), np.array([], dtype=np.int64), lambda _: [], [*items, *others])
+        others += bad
+        positions = positions[good]
+    return _by_columns(job, frame, numbers[positions], items_of, others,
+                       reparse=lambda indices: read(indices))
+
+
+def _read_json_lines(payload: bytes, rows: int, longest: int):
+    """JSON Lines of objects as a DataFrame, with the values and types that Python's json and
+    `pl.DataFrame(dicts)` give them; None when that is not certain."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+    import polars as pl
+
+    if not payload.isascii() and not _valid_utf8(payload):
+        return None  # pyarrow does not always check: the row path finds the lines and says why
+    # One thread: with several, pyarrow may order the columns otherwise than they first appear
+    # (the row path's order); on 2 cores it measured no faster. A row must fit in a block.
+    options = pj.ReadOptions(block_size=max(_JSON_BLOCK_BYTES, 2 * longest + 1), use_threads=False)
+    try:
+        table = pj.read_json(pa.BufferReader(payload), read_options=options)
+        # pyarrow reads ISO dates in text as timestamps; Python keeps the text: read them as text
+        schema = _json_text_types(table.schema)
+        if schema is None:
+            return None
+        if schema != table.schema:
+            table = pj.read_json(pa.BufferReader(payload), read_options=options,
+                                 parse_options=pj.ParseOptions(explicit_schema=schema))
+    except (pa.ArrowException, ValueError):  # pyarrow is strict: a type conflict is an error too
+        return None
+    if table.num_rows != rows or "" in table.column_names:
+        return None  # a line holding more than one object; a key "" (Polars would rename it)
+    frame = pl.from_arrow(table)
+    if frame.height != rows or not all(_floats_as_python(s) for s in frame.get_columns()):
+        return None
+    return frame
+
+
+def _valid_utf8(data: bytes) -> bool:
+    """Whether `data` is UTF-8 as Python's strict decoder has it, checked by Arrow without
+    building a Python string of it."""
+    import pyarrow as pa
+
+    offsets = pa.array([0, len(data)], pa.int64()).buffers()[1]
+    try:
+        pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)]).cast(pa.large_string())
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def _json_text_types(schema):
+    """`schema` with dates and times as text, or None for a type Python's json would not give."""
+    import pyarrow as pa
+
+    def text(kind):
+        if pa.types.is_temporal(kind):
+            return pa.string()
+        if pa.types.is_list(kind):
+            inner = text(kind.value_type)
+            return None if inner is None else pa.list_(inner)
+        if pa.types.is_struct(kind):
+            fields = [(f.name, text(f.type)) for f in kind]
+            return None if any(t is None for _, t in fields) else pa.struct(fields)
+        simple = (pa.types.is_null, pa.types.is_boolean, pa.types.is_int64, pa.types.is_float64, pa.types.is_string)
+        return kind if any(test(kind) for test in simple) else None
+
+    fields = [(f.name, text(f.type)) for f in schema]
+    return None if any(t is None for _, t in fields) else pa.schema(fields)
+
+
+def _floats_as_python(series) -> bool:
+    """Whether the floats of a column (nested ones too) are surely what Python's json reads:
+    pyarrow reads `-0` as -0.0 in a column of floats (Python: the integer 0), integers beyond
+    2**63 as floats, and accepts `Inf` and `-NaN`, which Python refuses."""
+    import polars as pl
+
+    dtype = series.dtype
+    if isinstance(dtype, pl.List):
+        return _floats_as_python(series.explode())
+    if isinstance(dtype, pl.Struct):
+        return all(_floats_as_python(series.struct.field(f.name)) for f in dtype.fields)
+    if dtype != pl.Float64:
+        return True
+    doubtful = ~series.is_finite() | (series.abs() >= 2.0**53) | ((series == 0) & (1.0 / series < 0))
+    return not doubtful.any()
 
 
 class JsonArrayReader(FileReader):
@@ -433,6 +785,24 @@ class CsvReader(FileReader):
                     continue
                 yield line, dict(zip(self.header, fields)), None
 
+    def batches(self, job: "Job"):
+        if job.schema == "raw":
+            # The column types are inferred from the good rows of the whole file (`raw_frame`).
+            yield from row_path_batches(self, job)
+            return
+        import numpy as np
+        import polars as pl
+
+        # The csv module still splits the records (its quoting rules decide which are good);
+        # the normalisation is by columns, all of text as CSV values are.
+        for batch in _item_batches(self.items(job.max_row_bytes), job, _TABLE_ROWS):
+            good = [item for item in batch if item[2] is None]
+            frame = pl.DataFrame({name: [row[name] for _, row, _ in good] for name in self.header or []},
+                                 schema={name: pl.String for name in self.header or []})
+            yield _by_columns(job, frame, np.array([line for line, _, _ in good], dtype=np.int64),
+                              lambda indices: [good[i] for i in indices],
+                              [item for item in batch if item[2] is not None])
+
     @staticmethod
     def _csv_problem(err, start: int, end: int) -> str:
         if "unexpected end of data" in str(err):
@@ -490,6 +860,81 @@ class TableReader(FileReader):
         # Keep the input's own column types: take the good rows out of the original frame.
         numbers = [number for number, _ in rows]
         return self.frame[[n - 1 for n in numbers]] if numbers else self.frame.head(0)
+
+    def batches(self, job: "Job"):
+        import numpy as np
+
+        from datamill.records import oversized_reason, python_types, row_bytes
+
+        bound = _json_size_bound(self.frame.schema)
+        exact = bound is None or isinstance(bound, int) and bound > job.max_row_bytes
+        for start in range(0, self.frame.height, _TABLE_ROWS):
+            count = job.budget.take_many(min(_TABLE_ROWS, self.frame.height - start))
+            if count == 0:
+                return
+            job.progress.advance(count)
+            frame = self.frame.slice(start, count)
+            numbers = np.arange(start + 1, start + count + 1)
+            # `max_row_bytes` is on the row's JSON text: a bound computed by columns clears most
+            # rows; the others are measured exactly, as the row path measures them.
+            if exact or isinstance(bound, int):
+                unsure = np.arange(count) if exact else np.arange(0)
+            else:
+                unsure = np.flatnonzero((frame.select(bound > job.max_row_bytes).to_series()).to_numpy())
+            oversized = []
+            for i, row in zip(unsure.tolist(), frame[unsure].iter_rows(named=True)):
+                size = row_bytes(row)
+                if size > job.max_row_bytes:
+                    oversized.append((int(numbers[i]), row, oversized_reason(size, job.max_row_bytes)))
+            if oversized:
+                keep = np.setdiff1d(np.arange(count), np.array([n for n, _, _ in oversized]) - start - 1)
+                frame, numbers = frame[keep], numbers[keep]
+
+            def items_of(indices, frame=frame, numbers=numbers):
+                return [(int(numbers[i]), row, None) for i, row in zip(indices, frame[indices].iter_rows(named=True))]
+
+            # `schema: raw` keeps the input's types (as `raw_frame`); normalised rows get the
+            # types their values get on the row path (through Python dicts).
+            yield _by_columns(job, frame, numbers, items_of, oversized,
+                              retype=None if job.schema == "raw" else python_types)
+
+
+def _json_size_bound(schema):
+    """A bound on the size of each row as `row_bytes` measures it (json.dumps, ensure_ascii=False:
+    a character takes at most 6 bytes, as an escape): an int when it is the same for every row,
+    else an expression; None when a column's type has no simple bound (dates, decimals, ...:
+    the rows are then measured exactly)."""
+    import polars as pl
+
+    def value(expr, dtype):
+        if dtype == pl.Categorical or isinstance(dtype, pl.Enum):
+            expr, dtype = expr.cast(pl.String), pl.String
+        if dtype == pl.String:
+            return (2 + 6 * expr.str.len_bytes()).fill_null(4)
+        if dtype in (pl.Null, pl.Boolean):
+            return 5  # null, false
+        if dtype.is_integer():
+            return 20  # -9223372036854775808
+        if dtype.is_float():
+            return 24  # -2.2250738585072014e-308
+        if isinstance(dtype, (pl.List, pl.Array)):
+            inner = value(pl.element(), dtype.inner)
+            if inner is None:
+                return None
+            items = expr.cast(pl.List(dtype.inner))
+            each = items.list.len() * (inner + 2) if isinstance(inner, int) else items.list.eval(inner + 2).list.sum()
+            return (2 + each).fill_null(4)  # [a, b]
+        if isinstance(dtype, pl.Struct):
+            return members({f.name: f.dtype for f in dtype.fields}, expr.struct.field)
+        return None
+
+    def members(types, column):  # {"key": value, ...}
+        parts = [value(column(name), dtype) for name, dtype in types.items()]
+        if any(part is None for part in parts):
+            return None
+        return 2 + sum(2 + 6 * len(name.encode()) + 4 for name in types) + sum(parts)
+
+    return members(dict(schema), pl.col)
 
 
 def make_file_reader(file: Path, fmt: str) -> FileReader:
