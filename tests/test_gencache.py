@@ -22,24 +22,10 @@ from datagen import generate_step, prompt_library, shards
 from datagen.generate_step import GenerateConfig, GenerateStep, plan_requests
 from datagen.shards import ShardStore
 from fake_backend import FakeBackend
+from test_generate import SPEC  # the same small generate spec
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-SPEC = """\
-name: gen
-tracking: {{enabled: false}}
-models:
-  m: ./model
-steps:
-  genqa:
-    generate:
-      model: m
-      prompts: [academic, multiple_choice, dialog, math]
-      n: {n}
-      seed: 7
-      temperature: 0.7
-      max_tokens: 64
-{extra}"""
 
 
 def result(i, text="ok", error=None, **extra) -> dict:
