@@ -491,6 +491,7 @@ def test_transformers_backend_on_tiny_llama(tmp_path, model_cache, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 8 x 256 tokens of a real model on CPU: ~5 min on a loaded 2-core machine
 def test_smollm2_writes_parseable_examples(tmp_path, model_cache, monkeypatch):
     monkeypatch.setenv("DATAMILL_MODEL_CACHE", str(model_cache))
     spec = tmp_path / "spec.yaml"
