@@ -249,7 +249,7 @@ def run_child(side: str, rows: int, work: Path, threshold: float) -> dict:
                            "--threshold", str(threshold)], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     if proc.returncode:
-        raise RuntimeError(f"{side} at {rows} rows failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{side} at {rows} rows failed (exit status {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -322,7 +322,8 @@ def estimate_error(pairs: list[tuple[str, str, float]], ngram: int, num_perm: in
     estimates["before"] = np.array([datasketch(a).jaccard(datasketch(b)) for a, b, _ in pairs])
     out = {side: {"mean": round(float((e - true).mean()), 4), "std": round(float((e - true).std()), 4)}
            for side, e in estimates.items()}
-    return {"pairs": len(pairs), **out, "independent_std": round(float(np.sqrt(true * (1 - true) / num_perm).mean()), 4)}
+    independent = float(np.sqrt(true * (1 - true) / num_perm).mean())
+    return {"pairs": len(pairs), **out, "independent_std": round(independent, 4)}
 
 
 # --------------------------------------------------------------------------- main

@@ -21,6 +21,7 @@ only as Python lists of ints, which costs more than computing them here, and its
 be split by band. The permutations x -> a x + b (mod 2^32) of 32-bit shingle hashes estimate
 Jaccard with the spread of independent permutations (datasketch's; measured on the scale corpus).
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,6 +35,7 @@ from datamill.step import Step, StepConfig, optional_section
 
 _CHUNK_ROWS = 8192  # rows of a shard whose texts are made at once
 _PIECE_BYTES = 1 << 20  # text hashed at once: its numpy temporaries (~20 bytes a byte) stay small
+_BLOCK_SHINGLES = 4096  # shingles permuted at once (x num_perm: 2 MB at 128, in the CPU cache)
 _CANDIDATE_RECALL = 0.99  # chance that the bands make a pair at exactly the threshold a candidate
 _EXACT, _MINHASH = 1, 2  # `method` codes while resolving (0: kept)
 # The base of the polynomial hashes (its low 32 bits for shingle bytes, all 64 for band values)
@@ -142,8 +144,7 @@ class DedupStep(Step):
         sigs = np.empty((n, near.num_perm), np.uint32) if near else None
         keys = np.empty((bands[0], n), np.uint64) if near else None
         ids = []
-        shard = functools.partial(hash_rows, exact=cfg.exact, minhash=near, bands=bands,
-                                  workers=ctx.shards.cpus_per_shard)
+        shard = functools.partial(hash_rows, exact=cfg.exact, minhash=near, bands=bands)
         columns = list(dict.fromkeys([column, "id"] if has_id else [column]))
         batches = ctx.read_batches(cfg.input, columns=columns)
         start = 0
@@ -217,42 +218,26 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- row shards
 
 def hash_rows(column, *, exact: bool, minhash: MinhashConfig | None, bands: tuple[int, int] | None,
-              workers: int = 1, emit=None):
+              emit=None):
     """A row shard: a batch's text column -> (exact digests (rows, 16) uint8, signatures
-    (rows, num_perm) uint32, band keys (bands, rows) uint64), None for what is not asked.
-
-    The texts are made _CHUNK_ROWS at a time, so a batch's texts are never all in memory. With
-    `workers` > 1 a chunk's signatures (numpy, which lets go of the GIL) are computed in a thread
-    while the next chunk's texts are normalised (Python) here: two cores busy, two chunks held."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    (rows, num_perm) uint32, band keys (bands, rows) uint64), None for what is not asked. The
+    texts are made _CHUNK_ROWS at a time, so a batch's texts are never all in memory."""
     import numpy as np
 
     n = len(column)
     digests = np.empty((n, 16), np.uint8) if exact else None
     sigs = np.empty((n, minhash.num_perm), np.uint32) if minhash is not None else None
-    previous = None  # (rows, future) of the chunk whose signatures the thread is computing
-    with ThreadPoolExecutor(max_workers=1) as thread:
-        for start in range(0, n, _CHUNK_ROWS):
-            rows = slice(start, min(start + _CHUNK_ROWS, n))
-            texts = [normalize_text(t) for t in column_texts(column[rows])]
-            if exact:
-                # 16 bytes of blake2b per text: equal digests are equal texts, at any table size
-                joined = b"".join(hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts)
-                digests[rows] = np.frombuffer(joined, np.uint8).reshape(len(texts), 16)
-            if minhash is not None:
-                args = (texts, minhash.ngram, minhash.num_perm, minhash.seed)
-                if previous is not None:  # done first: at most two chunks of texts in memory
-                    sigs[previous[0]] = previous[1].result()
-                    previous = None
-                if workers > 1:
-                    previous = (rows, thread.submit(signatures, *args))
-                else:
-                    sigs[rows] = signatures(*args)
-            if emit is not None:
-                emit(rows.stop - rows.start)
-        if previous is not None:
-            sigs[previous[0]] = previous[1].result()
+    for start in range(0, n, _CHUNK_ROWS):
+        rows = slice(start, min(start + _CHUNK_ROWS, n))
+        texts = [normalize_text(t) for t in column_texts(column[rows])]
+        if exact:
+            # 16 bytes of blake2b per text: equal digests are equal texts, at any table size
+            joined = b"".join(hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts)
+            digests[rows] = np.frombuffer(joined, np.uint8).reshape(len(texts), 16)
+        if minhash is not None:
+            sigs[rows] = signatures(texts, minhash.ngram, minhash.num_perm, minhash.seed)
+        if emit is not None:
+            emit(len(texts))
     return digests, sigs, (band_keys(sigs, *bands) if minhash is not None else None)
 
 
@@ -343,16 +328,21 @@ def shingle_hashes(data, offsets, ngram: int):
 
 
 def min_hashes(hashes, counts, a, b):
-    """Per text and permutation, the least permuted hash of its shingles: (num_perm, texts)."""
+    """Per text and permutation, the least permuted hash of its shingles: (num_perm, texts). The
+    texts go a block of about _BLOCK_SHINGLES shingles at a time, all permutations at once: the
+    block's num_perm x 4,096 values stay in the CPU cache, and numpy makes three calls a block."""
     import numpy as np
 
     starts = np.cumsum(counts) - counts  # every text has a shingle: starts increase
     out = np.empty((len(a), len(counts)), np.uint32)
-    permuted = np.empty_like(hashes)
-    for p in range(len(a)):
-        np.multiply(hashes, a[p], out=permuted)
-        permuted += b[p]
-        np.minimum.reduceat(permuted, starts, out=out[p])
+    first = 0
+    while first < len(counts):
+        last = max(first + 1, int(np.searchsorted(starts, starts[first] + _BLOCK_SHINGLES, "right")))
+        begin, end = starts[first], (starts[last] if last < len(counts) else len(hashes))
+        permuted = np.multiply.outer(a, hashes[begin:end])  # wraps mod 2^32
+        permuted += b[:, None]
+        out[:, first:last] = np.minimum.reduceat(permuted, starts[first:last] - begin, axis=1)
+        first = last
     return out
 
 
