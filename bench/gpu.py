@@ -49,7 +49,7 @@ its flat distributions send the sampler's top-p down its slow full-sort path, wh
 table says.
 
 Run:  .venv/bin/python bench/gpu.py                  (a GPU; writes bench/gpu.json and .md)
-      .venv/bin/python bench/gpu.py --quick --device cpu [--sections sft] [--out /tmp/gpu]
+      .venv/bin/python bench/gpu.py --quick --device cpu [--sections sft] [--out DIR]
                                                       (tiny sizes, for tests; prints only
                                                       unless --out; no MFU on a CPU)
 """

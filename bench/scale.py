@@ -274,7 +274,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--steps", default=",".join(STEPS))
     parser.add_argument("--zipfit-mode", default="exact", choices=["exact", "fast"])
-    parser.add_argument("--data", default=os.environ.get("DATAMILL_SCALE_DATA", "/tmp/datamill-scale"),
+    parser.add_argument("--data", default=os.environ.get("DATAMILL_SCALE_DATA", str(Path(tempfile.gettempdir()) / "datamill-scale")),
                         help="where the corpora are kept between runs")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
