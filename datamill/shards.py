@@ -147,11 +147,7 @@ class RayShards(LocalShards):
     def ray(self):
         """Ray, started (or joined) when a step first shards work: steps that do not never wait for it."""
         if self._ray is None:
-            ray = import_ray()
-            if not ray.is_initialized():
-                # None: a local Ray instance on this machine; "auto" or ray://host:port: a running cluster
-                ray.init(address=self.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-            self._ray = ray
+            self._ray = start_ray(self.address)
         return self._ray
 
     @property
@@ -185,6 +181,38 @@ class RayShards(LocalShards):
             if on_done:
                 on_done(i, results[i])
         return results
+
+
+_ray_start_lock = threading.Lock()
+
+
+def start_ray(address: str | None):
+    """Ray, joined or started once per process. A local instance's services (GCS, raylet) are
+    killed when the *thread* that started them ends (Ray sets Linux's PR_SET_PDEATHSIG, which is
+    per thread), and a sweep point's thread ends with its point: so they are started from a
+    daemon thread that lives as long as the process."""
+    ray = import_ray()
+    with _ray_start_lock:
+        if ray.is_initialized():
+            return ray
+        started, failure = threading.Event(), []
+
+        def keep_ray():
+            try:
+                # None: a local Ray instance on this machine; "auto" or ray://host:port: a running cluster
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            except BaseException as error:  # re-raised in the caller's thread
+                failure.append(error)
+                started.set()
+                return
+            started.set()
+            threading.Event().wait()  # never set: this thread is the services' parent until exit
+
+        threading.Thread(target=keep_ray, name="datamill-ray", daemon=True).start()
+        started.wait()
+        if failure:
+            raise failure[0]
+    return ray
 
 
 def import_ray():

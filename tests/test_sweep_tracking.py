@@ -117,8 +117,9 @@ def test_an_unchanged_rerun_adds_no_mlflow_runs_until_the_store_changes(write_sp
 
 @pytest.mark.slow  # needs the ray extra, which CI installs for the slow suite (it takes seconds)
 def test_sweep_points_on_ray_run_at_once_with_shared_steps_once_and_the_tables_of_a_local_run(write_spec):
-    """executor: ray runs the points in threads. These steps shard nothing, so Ray itself never
-    starts: what is tested is the points' concurrency (shared steps once, same tables, runs)."""
+    """executor: ray runs the points in threads: shared steps once, same tables, runs. Dedup shards
+    its work, so Ray starts from a point's thread, and must outlive it: Ray's services die with
+    the thread that started them, and the failing sweep's dedup ran after that thread ended."""
     from mlflow import MlflowClient
 
     pytest.importorskip("ray")
