@@ -15,6 +15,8 @@ Quality on the planted near-duplicates: a planted row counts for recall when the
 its 3-gram set with its original's reaches the threshold; a removed row is a true positive when it
 is planted or its true Jaccard with its `duplicate_of` row reaches the threshold.
 
+The peers (datasketch, rensa) come with `pip install -e '.[bench]'`.
+
 Run:  .venv/bin/python bench/dedup.py                   (100k and 1M rows; ~50 min on 2 cores)
       .venv/bin/python bench/dedup.py --rows 100000     (one size)
       .venv/bin/python bench/dedup.py --quick           (20k rows, one repeat; prints only)

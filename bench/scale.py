@@ -16,6 +16,8 @@ Peers, each in its own process on the same files:
   per pair;
 - DSIR: the `data-selection` package (its authors' code) on the same candidates and targets.
 
+The peers (datasketch, rensa) come with `pip install -e '.[bench]'`.
+
 Run:  .venv/bin/python bench/scale.py                       (10k, 100k, 1M; ~40 min on 2 cores)
       .venv/bin/python bench/scale.py --rows 10000          (one size)
       .venv/bin/python bench/scale.py --rows 10000000 --steps source,sql,dedup   (the 10M run)

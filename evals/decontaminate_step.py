@@ -9,6 +9,11 @@ any table named in `tables` (its rows' prompts).
 Without `tasks` and `tables`, the tasks are those the spec's evaluate steps measure on. The rule
 and where it differs from open-instruct's script: evals/contamination.py.
 
+The input streams: batch by batch (`datamill.step.BATCH_ROWS` rows), each cut into row shards
+(`ctx.shards.map`: local or Ray tasks), its kept and removed rows written before the next batch is
+read. Memory holds one batch (and its turns) plus the matches found so far, which the report needs;
+the tables are the same whatever the batch size.
+
 Outputs:
     tables/main     the input rows that overlap no eval instance, columns unchanged (`mode: flag`:
                     every row, plus `contaminated`, `eval_task`, `eval_doc_id`, `overlap`)
@@ -179,11 +184,9 @@ class DecontaminateStep(Step):
         import polars as pl
 
         from datamill import progress
-        from evals.contamination import (Matches, build_index, eval_instances, matched_ngrams, overlapping_instances,
-                                         template_frames)
+        from evals.contamination import build_index, eval_instances, overlapping_instances, template_frames
 
         cfg = self.config
-        table = ctx.read(cfg.input)
         sets: dict[str, list[str]] = {}
         frames: dict[str, tuple[str, str]] = {}
         for task, folders in self.resolved_tasks(ctx.env).items():
@@ -194,26 +197,37 @@ class DecontaminateStep(Step):
         for name in cfg.tables:
             sets[name] = self._eval_table_texts(ctx.read(name), name)
         index = build_index(sets, cfg.n, frames)
-
-        segments = self._segments(table)
-        size = max(_MIN_SHARD_ROWS, min(_SHARD_ROWS, -(-table.height // (4 * ctx.shards.workers))))
-        bounds = [(a, min(a + size, table.height)) for a in range(0, table.height, size)]
-        cut = np.searchsorted(segments["row"].to_numpy(), [a for a, _ in bounds] + [table.height])
-        shards = [segments.slice(int(cut[i]), int(cut[i + 1] - cut[i])) for i in range(len(bounds))]
         # threads in a shard: all cores here, a Ray task's CPUs there
         run_shard = functools.partial(scan_shard, index=index, threshold=cfg.threshold, match=cfg.match,
                                       workers=ctx.shards.cpus_per_shard)
-        with progress.bar(f"{ctx.name}: decontaminate", total=table.height, unit="rows") as bar:
-            parts = ctx.shards.map(run_shard, shards, on_done=lambda i, _: bar.advance(bounds[i][1] - bounds[i][0]))
-        found = Matches.concat(parts)
-        best_row, best_doc, best_overlap = found.best()
+
+        # The input in batches: each is scanned (in shards), split and written before the next is
+        # read; only its matches (row, instance pairs: few) are kept, for the report.
+        rows_in, contaminated, start = 0, 0, 0
+        pair_rows: list[np.ndarray] = []
+        pair_docs: list[np.ndarray] = []
+        sample: list = []  # the first removed rows, for the run's tracker
+        with ctx.writer() as main, ctx.writer("removed") as removed_out, \
+                progress.bar(f"{ctx.name}: decontaminate", total=ctx.input_rows(cfg.input), unit="rows") as bar:
+            for batch in ctx.read_batches(cfg.input):
+                found, rows, removed = self._batch(ctx, batch, start, index, run_shard, bar)
+                pair_rows.append(found.row)
+                pair_docs.append(found.doc)
+                main.write(rows)
+                removed_out.write(removed if cfg.mode == "remove" else removed.head(0))
+                if removed.height and sum(s.height for s in sample) < 50:
+                    sample.append(removed.head(50))
+                contaminated += removed.height
+                rows_in += batch.height
+                start += batch.height
+        found_row, found_doc = np.concatenate(pair_rows), np.concatenate(pair_docs)
 
         # per eval set: instances that overlap some row, and rows that overlap one of its instances
-        overlapping = overlapping_instances(index, found.doc)
+        overlapping = overlapping_instances(index, found_doc)
         owners = pl.DataFrame([(d, s) for d, owned in enumerate(index.owners)
                                for s in dict.fromkeys(s for s, _ in owned)],
                               schema={"doc": pl.Int64, "set": pl.Int64}, orient="row")
-        rows_per_set = (pl.DataFrame({"row": found.row, "doc": found.doc}).join(owners, on="doc")
+        rows_per_set = (pl.DataFrame({"row": found_row, "doc": found_doc}).join(owners, on="doc")
                         .group_by("set").agg(pl.col("row").n_unique().alias("rows")))
         rows_of = dict(zip(rows_per_set["set"].to_list(), rows_per_set["rows"].to_list()))
         report_rows, task_stats = [], {}
@@ -230,6 +244,36 @@ class DecontaminateStep(Step):
             "table": pl.String, "eval_task": pl.String, "eval_instances": pl.Int64, "overlapping_instances": pl.Int64,
             "share": pl.Float64, "flagged": pl.Boolean, "removed_rows": pl.Int64})
 
+        ctx.write(report, "report")
+        ctx.stats.update({"rows_in": rows_in, "contaminated": contaminated,
+                          "kept": rows_in - (contaminated if cfg.mode == "remove" else 0),
+                          "eval_instances": sum(index.sizes), "tasks": task_stats,
+                          "flagged_tasks": sum(1 for t in task_stats.values() if t["flagged"])})
+        ctx.stats.update(ctx.shards.summary())
+        ctx.log_sample(report, name="report", rows=len(report_rows))
+        if sample:
+            ctx.log_sample(pl.concat(sample), name="removed")
+
+    def _batch(self, ctx, batch, start: int, index, run_shard, bar):
+        """One batch of the input (its rows are `start`, `start` + 1, ... of the table) against the
+        eval index, in row shards -> (its matches, the rows to write to main: kept, or all of them
+        flagged under `mode: flag`, and its contaminated rows with their best instance)."""
+        import numpy as np
+        import polars as pl
+
+        from evals.contamination import Matches, matched_ngrams
+
+        cfg, height = self.config, batch.height
+        segments = self._segments(batch, start)
+        size = max(_MIN_SHARD_ROWS, min(_SHARD_ROWS, -(-height // (4 * ctx.shards.workers))))
+        bounds = [(start + a, start + min(a + size, height)) for a in range(0, height, size)]
+        cut = np.searchsorted(segments["row"].to_numpy(), [a for a, _ in bounds] + [start + height])
+        shards = [segments.slice(int(cut[i]), int(cut[i + 1] - cut[i])) for i in range(len(bounds))]
+        del segments
+        parts = ctx.shards.map(run_shard, shards, on_done=lambda i, _: bar.advance(bounds[i][1] - bounds[i][0]))
+        found = Matches.concat(parts)
+        best_row, best_doc, best_overlap = found.best()  # per row: a batch holds whole rows
+
         first_owner = [index.owners[d][0] for d in best_doc.tolist()]
         match_columns = [
             pl.Series("eval_task", [index.sets[s] for s, _ in first_owner], dtype=pl.String),
@@ -239,41 +283,33 @@ class DecontaminateStep(Step):
         samples = pl.Series("matched_ngrams", [matched_ngrams(index, d, found.best_positions.get(r, []), cfg.match)
                                                for r, d in zip(best_row.tolist(), best_doc.tolist())],
                             dtype=pl.List(pl.String))
-        contaminated = np.zeros(table.height, dtype=bool)
-        contaminated[best_row] = True
-        base = table.drop([c for c in ADDED_COLUMNS if c in table.columns])
-        removed = base[best_row.tolist()].with_columns(*match_columns, samples)
+        local = (best_row - start).astype(np.int64)
+        contaminated = np.zeros(height, dtype=bool)
+        contaminated[local] = True
+        base = batch.drop([c for c in ADDED_COLUMNS if c in batch.columns])
+        removed = base[local.tolist()].with_columns(*match_columns, samples)
         if cfg.mode == "remove":
-            ctx.write(table.filter(pl.Series(~contaminated)))
-            ctx.write(removed, "removed")
+            out = batch.filter(pl.Series(~contaminated))
         else:
-            flagged_table = table.drop([c for c in FLAG_COLUMNS if c in table.columns])
-            marks = pl.DataFrame({"__row": best_row, **{c.name: c for c in match_columns}})
-            flagged_table = (flagged_table.with_row_index("__row").with_columns(pl.col("__row").cast(pl.Int64))
-                             .join(marks, on="__row", how="left", maintain_order="left")
-                             .with_columns(pl.Series("contaminated", contaminated)).drop("__row"))
-            ctx.write(flagged_table)
-            ctx.write(removed.head(0), "removed")
-        ctx.write(report, "report")
-        ctx.stats.update({"rows_in": table.height, "contaminated": int(contaminated.sum()),
-                          "kept": table.height - (int(contaminated.sum()) if cfg.mode == "remove" else 0),
-                          "eval_instances": sum(index.sizes), "tasks": task_stats,
-                          "flagged_tasks": sum(1 for t in task_stats.values() if t["flagged"])})
-        ctx.stats.update(ctx.shards.summary())
-        ctx.log_sample(report, name="report", rows=len(report_rows))
-        if removed.height:
-            ctx.log_sample(removed, name="removed")
+            marks = pl.DataFrame({"__row": pl.Series(local, dtype=pl.Int64), **{c.name: c for c in match_columns}})
+            out = (batch.drop([c for c in FLAG_COLUMNS if c in batch.columns])
+                   .with_row_index("__row").with_columns(pl.col("__row").cast(pl.Int64))
+                   .join(marks, on="__row", how="left", maintain_order="left")
+                   .with_columns(pl.Series("contaminated", contaminated, dtype=pl.Boolean)).drop("__row"))
+        return Matches(found.row, found.doc, found.overlap, {}), out, removed
 
     # --- texts -----------------------------------------------------------------------------
-    def _segments(self, table):
+    def _segments(self, table, start: int = 0):
         """The compared text of every training row as (row, text) segments, one per turn
-        (messages) or one per row (a text column), rows ascending."""
+        (messages) or one per row (a text column), rows ascending; the table's first row is row
+        `start` (a batch's place in the input)."""
         import polars as pl
 
         from datamill.records import is_messages_column, text_column
 
         column = text_column(table, self.config.column, f"decontaminate input '{self.config.input}'")
-        frame = table.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row"), pl.col(column).alias("value"))
+        row = (pl.int_range(pl.len(), dtype=pl.Int64) + start).alias("row")
+        frame = table.select(row, pl.col(column).alias("value"))
         dtype = table.schema[column]
         if is_messages_column(table, column):
             frame = frame.explode("value").drop_nulls("value").unnest("value")

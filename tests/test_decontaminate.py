@@ -427,3 +427,56 @@ def test_what_the_step_cleans_against():
     assert cleans(tasks=["datamill_capitals_mc"]) == {"datamill_capitals_mc"}
     assert cleans(tasks=["datamill_mmlu_dev"], mode="flag") == set()  # flagged rows stay in the table
     assert cleans(tables=["held_out"]) == set()
+
+
+# --------------------------------------------------------------------------- streaming
+
+@pytest.mark.parametrize("mode", ["remove", "flag"])
+def test_streaming_in_tiny_batches_gives_the_tables_of_one_batch(tmp_path, monkeypatch, mode):
+    import datamill.step
+
+    eval_texts, training = random_corpus(seed=1, rows=300, evals=60)
+    table = frame([chat(turns, n=i) for i, turns in enumerate(training)])
+    evals = {"ev": pl.DataFrame({"text": eval_texts})}
+    one_ctx, one = run_dc(tmp_path, table, evals, name="one", mode=mode)
+    monkeypatch.setattr(datamill.step, "BATCH_ROWS", 7)  # 43 batches, the last one of 6 rows
+    ctx, tiny = run_dc(tmp_path, table, evals, name="tiny", mode=mode)
+
+    hit = (one["removed"] if mode == "remove" else one["main"].filter("contaminated"))["n"].to_list()
+    assert len({n // 7 for n in hit}) > 20  # contaminated rows in many batches, at their first and last rows
+    assert {n % 7 for n in hit} == set(range(7))
+    assert ctx.stats["shards"] == 43 and one_ctx.stats["shards"] == 1
+    for side in ("main", "removed", "report"):
+        assert tiny[side].schema == one[side].schema, side
+        assert tiny[side].equals(one[side]), side
+    assert one["report"]["removed_rows"].to_list() == [len(hit)]
+    for key in ("rows_in", "contaminated", "kept", "eval_instances", "tasks", "flagged_tasks", "rows"):
+        assert ctx.stats[key] == one_ctx.stats[key], key
+
+
+@pytest.mark.parametrize("mode", ["remove", "flag"])
+def test_an_empty_input_from_sql_gives_empty_tables_with_its_columns(write_spec, mode):
+    from datamill.api import run
+
+    spec = write_spec(f"""
+name: dc_empty
+sources:
+  pool: {{path: data/tasks.jsonl}}
+steps:
+  none: {{sql: "SELECT * FROM pool WHERE false"}}
+  clean: {{decontaminate: {{input: none, tasks: [datamill_capitals_exact], mode: {mode}}}}}
+tracking: {{enabled: false}}
+""")
+    result = run(spec, quiet=True)
+    columns = result.table("none").schema
+    assert result.table("none").height == 0 and "messages" in columns
+    main, removed, report = (result.table(t) for t in ("clean", "clean__removed", "clean__report"))
+    added = {"eval_task": pl.String, "eval_doc_id": pl.Int64, "overlap": pl.Float64,
+             "matched_ngrams": pl.List(pl.String)}
+    flags = {"eval_task": pl.String, "eval_doc_id": pl.Int64, "overlap": pl.Float64, "contaminated": pl.Boolean}
+    assert main.height == 0 and main.schema == pl.Schema({**columns, **(flags if mode == "flag" else {})})
+    assert removed.height == 0 and removed.schema == pl.Schema({**columns, **added})
+    assert report.select("eval_task", "overlapping_instances", "removed_rows").rows() == [
+        ("datamill_capitals_exact", 0, 0)]
+    stats = result.points[-1].steps["clean"].stats
+    assert stats["rows_in"] == 0 and stats["contaminated"] == 0 and stats["kept"] == 0

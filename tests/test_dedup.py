@@ -228,15 +228,34 @@ def test_streaming_in_tiny_batches_equals_one_batch(tmp_path, monkeypatch, scale
     table = instruction_table([(t, "ok") for t in scale_texts[:300] + scale_texts[3000:]])
     config = {"minhash": {"threshold": 0.8}}
     _, one = run_dedup(tmp_path / "one", table, **config)
-    # 7-row batches, 3-row chunks, 64-byte pieces of text, 5-shingle blocks: every boundary moves
+    # 7-row batches, 3-row chunks, 64-byte pieces of text, 5-shingle blocks, signatures read back
+    # from the spill file 4 rows at a time: every boundary moves
     monkeypatch.setattr(datamill.step, "BATCH_ROWS", 7)
     monkeypatch.setattr(dedup, "_CHUNK_ROWS", 3)
     monkeypatch.setattr(dedup, "_PIECE_BYTES", 64)
     monkeypatch.setattr(dedup, "_BLOCK_SHINGLES", 5)
+    monkeypatch.setattr(dedup.Spill, "_READ_ROWS", 4)
     _, tiny = run_dedup(tmp_path / "tiny", table, **config)
     assert one["removed"].height > 10
     for name in ("main", "removed"):
         assert tiny[name].equals(one[name]), name
+
+
+def test_the_spill_file_gives_back_the_signatures_and_keys_of_the_rows_asked(tmp_path, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr(dedup.Spill, "_READ_ROWS", 4)
+    rng = np.random.default_rng(0)
+    sigs = rng.integers(0, 2**32, (23, 8), dtype=np.uint32)
+    keys = rng.integers(0, 2**63, (3, 23), dtype=np.uint64)
+    spill = dedup.Spill(tmp_path, bands=3, num_perm=8)
+    for a, b in ((0, 10), (10, 11), (11, 23)):  # batches of uneven sizes
+        spill.append(sigs[a:b], keys[:, a:b])
+    spill.close()
+    rows = np.array([1, 2, 9, 12, 13, 22])  # blocks 4-7 and 16-19 hold none of them: skipped
+    assert (spill.signatures(rows) == sigs[rows]).all()
+    assert all((spill.band_keys(band) == keys[band]).all() for band in range(3))
+    assert spill.signatures(np.array([], np.int64)).shape == (0, 8)
 
 
 def test_shingle_hashes_are_the_polynomial_hash_of_each_shingles_bytes():

@@ -13,8 +13,10 @@ Curator spread MinHash dedup, by LSH band):
 2. band shards, one LSH band each: the rows that share their key with another row (buckets);
 3. here, in input order: a row's candidates are the kept rows of its buckets, confirmed by the
    estimate. These are the decisions of a sequential query-before-insert LSH with the same bands.
-Memory holds per row a signature (num_perm x 4 bytes), the band keys and a digest, never the texts;
-the kept and removed rows are written batch by batch in a second streamed pass.
+Memory holds per row a digest and the decisions, never the texts: the signatures (num_perm x 4
+bytes a row) and band keys go to a file in the step's state folder, read back one band at a time
+and only for the rows that share a bucket. The kept and removed rows are written batch by batch in
+a second streamed pass.
 
 Why numpy and not rensa for the signatures: rensa computes them fast in Rust but hands them back
 only as Python lists of ints, which costs more than computing them here, and its LSH index cannot
@@ -27,7 +29,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import tempfile
 import unicodedata
+from pathlib import Path
 
 from pydantic import Field, field_validator
 
@@ -99,28 +103,33 @@ class DedupStep(Step):
         head = pl.read_parquet(ctx.input_path(cfg.input), n_rows=0)  # the columns, no rows
         column = text_column(head, cfg.column, f"dedup input '{cfg.input}'")
         bands = lsh_bands(near.threshold, near.num_perm) if near else None
-        digests, sigs, keys, ids = self._hash(ctx, column, n, bands, has_id="id" in head.columns)
+        ctx.state_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="dedup-", dir=ctx.state_dir) as folder:
+            spill = Spill(Path(folder), bands[0], near.num_perm) if near else None
+            digests, ids = self._hash(ctx, column, n, bands, spill, has_id="id" in head.columns)
 
-        # Per row: the kept row it duplicates (-1: kept), how that was found, how similar.
-        target = np.full(n, -1, np.int64)
-        method = np.zeros(n, np.int8)
-        similarity = np.zeros(n, np.float64)
-        if cfg.exact:
-            find_exact(digests, target, method, similarity)
-            del digests
-        candidates = 0
-        if near is not None:
-            rows = np.flatnonzero(target < 0)  # exact copies are not compared (nor kept)
-            buckets = ctx.shards.map(band_buckets, [(rows, keys[band]) for band in range(bands[0])])
-            del keys
-            candidates = find_near(sigs, buckets, near.threshold, target, method, similarity,
-                                   f"{ctx.name}: minhash dedup")
-            del sigs, buckets
-            # An exact copy of a row that minhash removed duplicates what that row duplicated.
-            copies = np.flatnonzero(method == _EXACT)
-            moved = copies[method[target[copies]] == _MINHASH]
-            target[moved], similarity[moved] = target[target[moved]], similarity[target[moved]]
-            method[moved] = _MINHASH
+            # Per row: the kept row it duplicates (-1: kept), how that was found, how similar.
+            target = np.full(n, -1, np.int64)
+            method = np.zeros(n, np.int8)
+            similarity = np.zeros(n, np.float64)
+            if cfg.exact:
+                find_exact(digests, target, method, similarity)
+                del digests
+            candidates = 0
+            if near is not None:
+                rows = np.flatnonzero(target < 0)  # exact copies are not compared (nor kept)
+                buckets = []  # as many bands in memory at once as there are workers
+                for first in range(0, bands[0], ctx.shards.workers):
+                    wave = range(first, min(first + ctx.shards.workers, bands[0]))
+                    buckets += ctx.shards.map(band_buckets, [(rows, spill.band_keys(band)) for band in wave])
+                candidates = find_near(spill.signatures, buckets, near.threshold, target, method, similarity,
+                                       f"{ctx.name}: minhash dedup")
+                del buckets
+                # An exact copy of a row that minhash removed duplicates what that row duplicated.
+                copies = np.flatnonzero(method == _EXACT)
+                moved = copies[method[target[copies]] == _MINHASH]
+                target[moved], similarity[moved] = target[target[moved]], similarity[target[moved]]
+                method[moved] = _MINHASH
 
         self._write(ctx, head, n, target, method, similarity, ids)
         ctx.stats.update({"rows_in": n, "kept": int((target < 0).sum()),
@@ -130,10 +139,11 @@ class DedupStep(Step):
             ctx.stats["minhash"] = {"bands": bands[0], "rows_per_band": bands[1], "candidate_rows": candidates}
         ctx.stats.update(ctx.shards.summary())
 
-    def _hash(self, ctx, column: str, n: int, bands: tuple[int, int] | None, has_id: bool):
+    def _hash(self, ctx, column: str, n: int, bands: tuple[int, int] | None, spill: "Spill | None",
+              has_id: bool):
         """Pass 1: the input's text column in streamed batches, one row shard each (as many at
         once as the executor has workers, so memory holds that many batches of text) ->
-        exact digests (n, 16), signatures (n, num_perm), band keys (bands, n), row ids."""
+        exact digests (n, 16) and row ids; the signatures and band keys go to `spill`."""
         import numpy as np
         import polars as pl
 
@@ -141,8 +151,6 @@ class DedupStep(Step):
 
         cfg, near = self.config, self.config.minhash
         digests = np.empty((n, 16), np.uint8) if cfg.exact else None
-        sigs = np.empty((n, near.num_perm), np.uint32) if near else None
-        keys = np.empty((bands[0], n), np.uint64) if near else None
         ids = []
         shard = functools.partial(hash_rows, exact=cfg.exact, minhash=near, bands=bands)
         columns = list(dict.fromkeys([column, "id"] if has_id else [column]))
@@ -156,12 +164,14 @@ class DedupStep(Step):
                     stop = start + batch.height
                     if digests is not None:
                         digests[start:stop] = digest
-                    if sigs is not None:
-                        sigs[start:stop], keys[:, start:stop] = sig, key
+                    if spill is not None:
+                        spill.append(sig, key)
                     if has_id:
                         ids.append(batch["id"].cast(pl.String))
                     start = stop
-        return digests, sigs, keys, (pl.concat(ids).rechunk() if ids else None)
+        if spill is not None:
+            spill.close()
+        return digests, (pl.concat(ids).rechunk() if ids else None)
 
     def _write(self, ctx, head, n: int, target, method, similarity, ids) -> None:
         """Pass 2: the input again, batch by batch, split into kept and removed rows."""
@@ -406,6 +416,54 @@ def _powers(size: int):
     return _base_powers(max(size, _PIECE_BYTES))
 
 
+class Spill:
+    """Pass 1's per-row arrays on disk, not in memory (at 10M rows and 128 permutations the
+    signatures alone take 5 GB): the signatures (rows, num_perm) and each band's keys, appended
+    batch by batch; read back one band at a time, and only the signatures of the rows that have
+    candidates (those in a shared bucket: a few in ten on deduplicated data)."""
+
+    _READ_ROWS = 65_536  # signatures read at once when gathering (32 MB at 128 permutations)
+
+    def __init__(self, folder: Path, bands: int, num_perm: int):
+        self.num_perm, self.rows = num_perm, 0
+        self.signature_path = folder / "signatures.u32"
+        self.band_paths = [folder / f"band{band}.u64" for band in range(bands)]
+        self._files = [open(path, "wb") for path in [self.signature_path, *self.band_paths]]
+
+    def append(self, sigs, keys) -> None:
+        sigs.tofile(self._files[0])
+        for band, file in enumerate(self._files[1:]):
+            keys[band].tofile(file)
+        self.rows += len(sigs)
+
+    def close(self) -> None:
+        for file in self._files:
+            file.close()
+
+    def band_keys(self, band: int):
+        """Every row's key in one band: (rows,) uint64."""
+        import numpy as np
+
+        return np.fromfile(self.band_paths[band], np.uint64)
+
+    def signatures(self, rows):
+        """The signatures of `rows` (ascending): (len(rows), num_perm) uint32, read in blocks,
+        skipping those that hold none of them."""
+        import numpy as np
+
+        out = np.empty((len(rows), self.num_perm), np.uint32)
+        with open(self.signature_path, "rb") as file:
+            for start in range(0, self.rows, self._READ_ROWS):
+                stop = min(start + self._READ_ROWS, self.rows)
+                a, b = np.searchsorted(rows, [start, stop])
+                if a == b:
+                    continue
+                file.seek(start * self.num_perm * 4)
+                block = np.fromfile(file, np.uint32, count=(stop - start) * self.num_perm).reshape(-1, self.num_perm)
+                out[a:b] = block[rows[a:b] - start]
+        return out
+
+
 # --------------------------------------------------------------------------- band shards
 
 def band_buckets(shard):
@@ -438,16 +496,17 @@ def find_exact(digests, target, method, similarity) -> None:
     target[copies], method[copies], similarity[copies] = firsts[copies], _EXACT, 1.0
 
 
-def find_near(sigs, buckets, threshold: float, target, method, similarity, desc: str) -> int:
+def find_near(signatures_of, buckets, threshold: float, target, method, similarity, desc: str) -> int:
     """Keep-first in input order: a row's candidates are the rows kept so far in its buckets (of
     every band); the best whose estimated Jaccard reaches the threshold (highest, then earliest)
     is what it duplicates, else it is kept and joins its buckets. Rows in no shared bucket have
-    no candidate and no one compares with them: kept. -> the rows that had a bucket to look in."""
+    no candidate and no one compares with them: kept. `signatures_of(rows ascending)` gives the
+    signatures of the rows in a bucket, only those. -> the rows that had a bucket to look in."""
     import numpy as np
 
     from datamill.progress import bar
 
-    n, num_perm = sigs.shape
+    n = len(target)
     rows = np.concatenate([r for r, _ in buckets])
     if not len(rows):
         return 0
@@ -456,11 +515,14 @@ def find_near(sigs, buckets, threshold: float, target, method, similarity, desc:
     rows, ids = rows[order], ids[order].tolist()
     starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
     bounds = np.r_[starts, len(rows)].tolist()
+    bucketed = rows[starts]  # ascending; from here on a row is its place k in this list
+    sigs = signatures_of(bucketed)
+    num_perm = sigs.shape[1]
     # the equal values an estimate needs, counted: count / num_perm >= threshold as a float compares
     needed = next(c for c in range(num_perm + 1) if c / num_perm >= threshold)
     kept_in: dict[int, list[int]] = {}
     with bar(desc, total=len(starts)) as progress:
-        for k, i in enumerate(rows[starts].tolist()):
+        for k, i in enumerate(bucketed.tolist()):
             if k % 1000 == 999:
                 progress.advance(1000)
             own = ids[bounds[k]:bounds[k + 1]]
@@ -471,12 +533,13 @@ def find_near(sigs, buckets, threshold: float, target, method, similarity, desc:
                     candidates.update(kept)
             if candidates:
                 candidates = sorted(candidates)
-                equal = (sigs[candidates] == sigs[i]).sum(axis=1)
+                equal = (sigs[candidates] == sigs[k]).sum(axis=1)
                 best = int(equal.argmax())  # the first of the highest: the earliest
                 if equal[best] >= needed:
-                    target[i], method[i], similarity[i] = candidates[best], _MINHASH, int(equal[best]) / num_perm
+                    target[i], method[i] = bucketed[candidates[best]], _MINHASH
+                    similarity[i] = int(equal[best]) / num_perm
                     continue
             for bucket in own:
-                kept_in.setdefault(bucket, []).append(i)
+                kept_in.setdefault(bucket, []).append(k)
         progress.advance(len(starts) % 1000)
     return len(starts)
