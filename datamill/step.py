@@ -253,7 +253,9 @@ def parquet_batches(path: Path, columns: list[str] | None = None, rows: int | No
     import pyarrow.parquet as pq
 
     empty = True
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=rows or BATCH_ROWS, columns=columns):
+    # pre_buffer off: with it, pyarrow keeps the buffers of the row groups read so far (a 1M-row
+    # table's memory grew 83 -> 315 MB over one pass; without it stays at ~71 MB)
+    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=rows or BATCH_ROWS, columns=columns):
         empty = False
         yield pl.from_arrow(batch)
     if empty:
