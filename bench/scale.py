@@ -242,7 +242,7 @@ def prepare(rows: int, folder: Path) -> tuple[Path, Path]:
     return corpus, targets
 
 
-def measure(rows: int, folder: Path, steps: tuple[str, ...], mode: str) -> dict:
+def measure(rows: int, folder: Path, steps: tuple[str, ...], mode: str, peers: bool = True) -> dict:
     corpus, targets = prepare(rows, folder)
     spec_dir = Path(tempfile.mkdtemp(prefix=f"scale-{rows}-", dir=folder))
     text = SPEC.format(corpus=corpus, targets=targets, budget=max(100, rows // 100), mode=mode,
@@ -255,6 +255,9 @@ def measure(rows: int, folder: Path, steps: tuple[str, ...], mode: str) -> dict:
     print(f"  pipeline ({', '.join(steps)}) on {rows:,} rows ...")
     out = {"rows": rows, "file_mb": round(corpus.stat().st_size / 2**20, 1), "zipfit_mode": mode,
            "pipeline": in_subprocess("pipeline", str(spec_dir / "spec.yaml"))}
+    if not peers:
+        out["peers"] = {}
+        return out
     print(f"  peers on {rows:,} rows ...")
     peers = out["peers"] = {"polars.read_ndjson": {"step": "source", **in_subprocess("polars", str(corpus))},
                             "duckdb.read_json": {"step": "source", **in_subprocess("duckdb", str(corpus))}}
@@ -277,6 +280,10 @@ def main(argv=None) -> None:
     parser.add_argument("--zipfit-mode", default="exact", choices=["exact", "fast"])
     parser.add_argument("--data", default=os.environ.get("DATAMILL_SCALE_DATA", str(Path(tempfile.gettempdir()) / "datamill-scale")),
                         help="where the corpora are kept between runs")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="datamill alone (the 10M run: the peers' whole-table reads need more memory than "
+                             "the machine has to spare)")
+    parser.add_argument("--out", default="scale", help="results go to bench/OUT.json, .md and .png")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -287,10 +294,10 @@ def main(argv=None) -> None:
     results = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
                "date": datetime.now().strftime("%Y-%m-%d"), "sizes": []}
     for rows in args.rows:
-        results["sizes"].append(measure(rows, Path(args.data), steps, args.zipfit_mode))
-        (BENCH / "scale.json").write_text(json.dumps(results, indent=2))  # after each size: a long run keeps its parts
-    (BENCH / "scale.md").write_text(markdown(results))
-    plot(results, BENCH / "scale.png")
+        results["sizes"].append(measure(rows, Path(args.data), steps, args.zipfit_mode, not args.no_peers))
+        (BENCH / f"{args.out}.json").write_text(json.dumps(results, indent=2))  # after each size: a long run keeps its parts
+    (BENCH / f"{args.out}.md").write_text(markdown(results))
+    plot(results, BENCH / f"{args.out}.png")
     print(markdown(results))
 
 

@@ -21,6 +21,22 @@ Accepted input shapes (the first that matches wins):
 `normalize_record` normalises one row (a dict); `normalize_columns` does the same on the columns
 of a DataFrame for the rows whose result it is certain of, leaving the others to it.
 
+Preference rows (DPO and the like) have their own canonical form, `PREFERENCE_SCHEMA`:
+
+    id          str   stable content hash of prompt + chosen + rejected (`preference_id`)
+    prompt      list<struct<role, content>>   the shared conversation before the compared turn:
+                      usually one user message, maybe a system message and earlier turns
+    chosen      list<struct<role, content>>   the preferred completion, normally one assistant message
+    rejected    list<struct<role, content>>   the other completion, in the same form
+    source      str
+    gen_prompt, gen_model, gen_seed, parent_id    provenance, as in the instruction schema
+
+followed by any extra input columns as they were (`score_chosen`, `prompt_id`, ...).
+`normalize_preference_record` accepts the layouts of `ACCEPTED_PREFERENCE_SHAPES` (TRL's
+conversational, standard and implicit-prompt forms, the last as HuggingFaceH4/ultrafeedback_binarized
+stores it; lists may come as JSON text, as CSV cells hold them). Preference rows take the row path
+only (no columnar fast path): preference datasets are small next to instruction pools.
+
 Polars is imported lazily (`INSTRUCTION_SCHEMA` and `PROVENANCE` are built on first access)
 because this module is imported while specs are validated and planned.
 """
@@ -48,6 +64,20 @@ ACCEPTED_SHAPES = (
     ("conversations", "{conversations: [{from, value}, ...]} (ShareGPT)"),
 )
 EXPECTED_SHAPES = " | ".join(name for name, _ in ACCEPTED_SHAPES)
+
+# The preference layouts `normalize_preference_record` accepts: (short name, layout).
+ACCEPTED_PREFERENCE_SHAPES = (
+    ("conversational", "{prompt: [{role, content}, ...], chosen: [assistant turns], rejected: [assistant turns]}"
+                       " (TRL conversational)"),
+    ("standard", "{prompt: text, chosen: text, rejected: text} (+ system; TRL standard)"),
+    ("implicit prompt", "{chosen: [whole conversation], rejected: [whole conversation]} (+ prompt: the first "
+                        "user turn's text, as ultrafeedback_binarized has it): the turns both start with "
+                        "are the prompt"),
+    ("JSON text", "any of those lists given as JSON text (CSV cells)"),
+)
+PREFERENCE_COLUMNS = ("id", "prompt", "chosen", "rejected", "source") + PROVENANCE_COLUMNS
+# Text that may hold a JSON list of turns (a CSV cell); other text is a prompt or completion as it is
+_JSON_TURNS_START = ("[{", "[ {", "[\n", "[\r\n")
 
 # Rows are turned into a DataFrame this many at a time: Python dicts cost ~10x their Arrow size.
 _CHUNK_ROWS = 50_000
@@ -77,6 +107,12 @@ def __getattr__(name: str):
 
         return {"id": pl.String, "messages": __getattr__("MESSAGES_DTYPE"), "source": pl.String,
                 **__getattr__("PROVENANCE")}
+    if name == "PREFERENCE_SCHEMA":
+        import polars as pl
+
+        messages = __getattr__("MESSAGES_DTYPE")
+        return {"id": pl.String, "prompt": messages, "chosen": messages, "rejected": messages,
+                "source": pl.String, **__getattr__("PROVENANCE")}
     if name == "REJECTED_SCHEMA":
         import polars as pl
 
@@ -287,6 +323,165 @@ def json_type(value) -> str:
     return type(value).__name__
 
 
+# --- preference rows ---------------------------------------------------------------------
+
+def preference_id(prompt: list[dict], chosen: list[dict], rejected: list[dict]) -> str:
+    """Stable content hash of a preference pair: equal prompt/chosen/rejected turns give equal ids."""
+    def turns(messages):
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    return hash_obj({"prompt": turns(prompt), "chosen": turns(chosen), "rejected": turns(rejected)})
+
+
+def normalize_preference_record(row: dict, source: str) -> dict:
+    """One input row in an accepted preference layout -> a canonical preference row; raises
+    RecordError(reason).
+
+    chosen/rejected are each either a completion (text, or turns starting with an assistant
+    turn) or a whole conversation (turns starting with a system or user turn). Completions need a
+    `prompt` (text: one user turn, after an optional `system` text; or turns). Whole conversations
+    carry their prompt: the turns both start with (TRL's implicit prompt); a `prompt` given as
+    well must agree with them (text: the first user turn's content, as ultrafeedback_binarized
+    stores it, and is then consumed; turns: a prefix of both, which is then the prompt).
+    """
+    if not isinstance(row, dict):
+        raise RecordError(f"row is a {json_type(row)}, expected an object")
+    missing = [key for key in ("chosen", "rejected") if row.get(key) is None]
+    if missing:
+        present = ", ".join(sorted(str(k) for k in row)) or "no fields"
+        layouts = " | ".join(name for name, _ in ACCEPTED_PREFERENCE_SHAPES)
+        raise RecordError(f"missing field {' and '.join(repr(k) for k in missing)}: a preference row needs "
+                          f"chosen and rejected ({layouts}; row has: {present})")
+    chosen, chosen_whole = _side(row["chosen"], "chosen")
+    rejected, rejected_whole = _side(row["rejected"], "rejected")
+    if chosen_whole != rejected_whole:
+        whole, part = ("chosen", "rejected") if chosen_whole else ("rejected", "chosen")
+        raise RecordError(f"{whole} is a whole conversation (it starts with a user or system turn) but {part} "
+                          f"is a completion (text or assistant turns): give both in the same form")
+    consumed = {"prompt", "chosen", "rejected"}
+    prompt, prompt_is_text = _preference_prompt(row)
+    if chosen_whole:
+        prompt, chosen, rejected = _split_conversations(chosen, rejected, prompt, prompt_is_text)
+    elif prompt is None:
+        raise RecordError("missing field 'prompt': chosen and rejected are completions (text or assistant "
+                          "turns), so the prompt they answer must be given; or give both as whole conversations")
+    elif prompt_is_text and _optional_text(row, "system"):
+        prompt = [{"role": "system", "content": _text(row, "system")}, *prompt]
+        consumed.add("system")
+    _validate_prompt(prompt)
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        _validate_completion(turns, name)
+    if chosen == rejected:
+        raise RecordError(IDENTICAL_REASON)
+    record = {"id": preference_id(prompt, chosen, rejected), "prompt": prompt, "chosen": chosen,
+              "rejected": rejected, "source": source}
+    record.update(_provenance(row))
+    for key, value in row.items():
+        if key not in consumed and key not in record:
+            record[key] = value
+    return record
+
+
+IDENTICAL_REASON = "chosen and rejected are identical (same turns, same text): a pair needs two different completions"
+
+
+def accepted_preference_rows_note() -> str:
+    """One line telling a user which row layouts a `schema: preference` source accepts."""
+    layouts = "; ".join(layout for _, layout in ACCEPTED_PREFERENCE_SHAPES)
+    return f"accepted preference rows: {layouts}; or set `schema: raw` to keep columns as they are"
+
+
+def _json_turns(value):
+    """Text holding a JSON list of objects -> that list; other text stays text (a prompt or an
+    answer may well start with a bracket)."""
+    if isinstance(value, str) and value.lstrip().startswith(_JSON_TURNS_START):
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        if isinstance(decoded, list) and decoded and all(isinstance(item, dict) for item in decoded):
+            return decoded
+    return value
+
+
+def _field_turns(items: list, field: str) -> list[dict]:
+    """A list of {role, content} (or ShareGPT {from, value}) objects as turns; reasons name `field`."""
+    sharegpt = bool(items) and isinstance(items[0], dict) and "from" in items[0] and "role" not in items[0]
+    try:
+        return _from_sharegpt(items) if sharegpt else _from_messages(items)
+    except RecordError as err:
+        raise RecordError(f"{field}: {err.reason}") from None
+
+
+def _side(value, field: str) -> tuple[list[dict], bool]:
+    """chosen or rejected as (turns, whether it is a whole conversation rather than a completion)."""
+    value = _json_turns(value)
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}], False
+    if not isinstance(value, list):
+        raise RecordError(f"field '{field}' must be text or a list of {{role, content}} turns, got a "
+                          f"{json_type(value)}")
+    turns = _field_turns(value, field)
+    return turns, bool(turns) and turns[0]["role"] != "assistant"
+
+
+def _preference_prompt(row: dict) -> tuple[list[dict] | None, bool]:
+    """(the `prompt` field as turns, or None when absent; whether it was plain text)."""
+    value = _json_turns(row.get("prompt"))
+    if value is None:
+        return None, False
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}], True
+    if not isinstance(value, list):
+        raise RecordError(f"field 'prompt' must be text or a list of {{role, content}} turns, got a "
+                          f"{json_type(value)}")
+    return _field_turns(value, "prompt"), False
+
+
+def _split_conversations(chosen: list[dict], rejected: list[dict], prompt: list[dict] | None,
+                         prompt_is_text: bool):
+    """Two whole conversations -> (prompt, chosen, rejected): the prompt is the turns both start
+    with, or the `prompt` turns given when both start with them."""
+    if prompt is not None and not prompt_is_text:
+        if chosen[:len(prompt)] != prompt or rejected[:len(prompt)] != prompt:
+            raise RecordError("chosen and rejected are whole conversations that do not start with the "
+                              "turns of field 'prompt'")
+        return prompt, chosen[len(prompt):], rejected[len(prompt):]
+    if chosen == rejected:
+        raise RecordError(IDENTICAL_REASON)
+    common = 0
+    while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
+        common += 1
+    if common == 0:
+        raise RecordError("chosen and rejected are whole conversations that do not start with the same "
+                          "turn: there is no shared prompt")
+    shared = chosen[:common]
+    if prompt is not None:
+        first_user = next((m["content"] for m in shared if m["role"] == "user"), None)
+        if first_user != prompt[0]["content"]:
+            raise RecordError("field 'prompt' differs from the first user turn of the conversation chosen "
+                              "and rejected start with")
+    return shared, chosen[common:], rejected[common:]
+
+
+def _validate_prompt(prompt: list[dict]) -> None:
+    for number, message in enumerate(prompt, 1):
+        if not message["content"].strip():
+            raise RecordError(f"prompt: empty content in message {number} ({message['role']})")
+    if not any(m["role"] == "user" for m in prompt):
+        raise RecordError("prompt has no user turn")
+
+
+def _validate_completion(turns: list[dict], field: str) -> None:
+    if not turns:
+        raise RecordError(f"empty completion: {field} has no turns after the prompt")
+    for number, message in enumerate(turns, 1):
+        if not message["content"].strip():
+            raise RecordError(f"empty completion: {field} message {number} ({message['role']}) has no text")
+    if turns[-1]["role"] != "assistant":
+        raise RecordError(f"{field} must end with an assistant turn (its last turn is a {turns[-1]['role']} turn)")
+
+
 # --- frames ------------------------------------------------------------------------------
 
 def raw_text(row, limit: int = MAX_RAW_CHARS) -> str:
@@ -329,6 +524,18 @@ def records_frame(records: list[dict]):
     return frame.select([*schema, *extras])
 
 
+def preference_frame(records: list[dict]):
+    """Canonical preference records as a DataFrame: canonical columns typed and first, extras after."""
+    import polars as pl
+
+    schema = __getattr__("PREFERENCE_SCHEMA")
+    if not records:
+        return pl.DataFrame(schema=schema)
+    frame = pl.DataFrame(records, schema_overrides=schema, infer_schema_length=None, strict=False)
+    extras = [c for c in frame.columns if c not in schema]
+    return frame.select([*schema, *extras])
+
+
 def concat_frames(frames: list):
     """Concatenate chunks whose extra columns may differ (missing -> null, types widened)."""
     import polars as pl
@@ -345,6 +552,15 @@ def normalize_frame(rows: Iterable[tuple[int, dict]], source: str, max_row_bytes
     row number given), `reason` and `raw` (the row as JSON, truncated to 2,000 characters).
     `max_row_bytes` rejects rows whose JSON text is larger (None: the caller checked already).
     """
+    return _normalize_rows(rows, source, max_row_bytes, normalize_record, records_frame)
+
+
+def normalize_preference_frame(rows: Iterable[tuple[int, dict]], source: str, max_row_bytes: int | None = None):
+    """`normalize_frame` for preference rows: (ok, rejected), `ok` in the preference schema."""
+    return _normalize_rows(rows, source, max_row_bytes, normalize_preference_record, preference_frame)
+
+
+def _normalize_rows(rows, source: str, max_row_bytes: int | None, normalize, make_frame):
     frames, chunk, rejected = [], [], []
     for line, row in rows:
         try:
@@ -352,14 +568,14 @@ def normalize_frame(rows: Iterable[tuple[int, dict]], source: str, max_row_bytes
                 size = row_bytes(row)
                 if size > max_row_bytes:
                     raise RecordError(oversized_reason(size, max_row_bytes))
-            chunk.append(normalize_record(row, source))
+            chunk.append(normalize(row, source))
         except RecordError as err:
             rejected.append({"line": line, "reason": err.reason, "raw": raw_text(row)})
         if len(chunk) >= _CHUNK_ROWS:
-            frames.append(records_frame(chunk))
+            frames.append(make_frame(chunk))
             chunk = []
     if chunk or not frames:
-        frames.append(records_frame(chunk))
+        frames.append(make_frame(chunk))
     return concat_frames(frames), rejected_frame(rejected)
 
 

@@ -78,9 +78,26 @@ class TrainConfig(StepConfig):
     """Base model: a `models:` name, a trained step's name, or a model reference."""
     data: Union[str, list[str], dict[str, float]]
     """Training table, a list of tables, or tables with mixture weights (`{a: 0.7, b: 0.3}`: each
-    epoch draws that share of examples from each table; a small table is repeated to fill it)."""
+    epoch draws that share of examples from each table; a small table is repeated to fill it).
+    Preference objectives read preference tables (`prompt`, `chosen`, `rejected`: a `pairs` step's
+    output, or a `schema: preference` source)."""
     column: str = "messages"
-    """Column holding the conversation (list of {role, content}), or plain text for `loss_on: all`."""
+    """Column holding the conversation (list of {role, content}), or plain text for `loss_on: all`.
+    Not used by preference objectives."""
+
+    objective: Literal["sft", "dpo", "ipo", "simpo"] = "sft"
+    """What the loss is: `sft` (next-token cross-entropy), or a preference objective on
+    chosen/rejected pairs: `dpo` (Rafailov et al.), `ipo` (Azar et al., TRL's length-normalised
+    form) or `simpo` (Meng et al.: length-normalised, no reference model). See train/preference.py."""
+    beta: Optional[float] = Field(None, gt=0)
+    """Preference objectives: β, the strength of the pull toward the reference (default 0.1 for
+    dpo and ipo, 2.0 for simpo, as TRL's defaults)."""
+    gamma: float = Field(0.5, ge=0)
+    """simpo: the target reward margin γ."""
+    reference: str = "base"
+    """dpo, ipo: the reference model. `base`: the model being trained, as it starts (with LoRA, the
+    base with adapters disabled: no second copy is loaded); or a `models:` name, a trained step's
+    name, or a model reference. Its log-probs are computed once and kept with the step."""
     eval_data: Optional[str] = None
     """Held-out table for the eval loss. Default: `eval_fraction` of the training rows."""
     eval_fraction: float = Field(0.0, ge=0, lt=1)
@@ -170,6 +187,16 @@ class TrainConfig(StepConfig):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.objective != "sft":
+            if self.goldfish is not None:
+                raise ValueError(f"goldfish is an SFT loss: remove it for objective: {self.objective}")
+            if self.neftune is not None:
+                raise ValueError(f"neftune applies to SFT: remove it for objective: {self.objective}")
+            if self.objective == "simpo" and self.reference != "base":
+                raise ValueError("simpo uses no reference model: remove `reference`")
+        elif self.reference != "base" or self.beta is not None:
+            raise ValueError("beta and reference apply to preference objectives: set objective: dpo (or ipo, "
+                             "simpo), or remove them")
         if self.save == "adapter" and self.lora is None:
             raise ValueError("save: adapter needs lora (full fine-tuning has no adapter to save)")
         if self.eval_data is not None and self.eval_fraction:
@@ -184,6 +211,17 @@ class TrainConfig(StepConfig):
 
     def weights(self) -> dict[str, float] | None:
         return dict(self.data) if isinstance(self.data, dict) else None
+
+    @property
+    def preference(self) -> bool:
+        return self.objective != "sft"
+
+    def preference_beta(self) -> float:
+        return self.beta if self.beta is not None else (2.0 if self.objective == "simpo" else 0.1)
+
+    def reference_model(self) -> str | None:
+        """The reference model's ref when it is another model than the one trained."""
+        return self.reference if self.objective in ("dpo", "ipo") and self.reference != "base" else None
 
 
 # Fields that change how the work runs, not what it produces: kept out of the cache key.

@@ -34,18 +34,20 @@ def render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
                                          chat_template=template)
 
 
-def assistant_spans(tokenizer, messages: list[dict], loss_on: str) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer, messages: list[dict], loss_on: str,
+                    first_turn: int = 0) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans that carry the loss.
 
     An assistant turn's span runs from the end of the prompt that precedes it (rendered with the
     generation prompt) to the end of the turn, end-of-turn token included so that the model
-    learns to stop; trailing whitespace is left out."""
+    learns to stop; trailing whitespace is left out. Turns before `first_turn` carry no loss (a
+    preference pair's completion starts after its prompt's turns)."""
     full = render(tokenizer, messages, generation_prompt=False)
     if loss_on == "all":
         return full, [(0, len(full))]
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first_turn:
             continue
         prompt = render(tokenizer, messages[:i], generation_prompt=True)
         upto = render(tokenizer, messages[: i + 1], generation_prompt=False).rstrip()
@@ -58,13 +60,14 @@ def assistant_spans(tokenizer, messages: list[dict], loss_on: str) -> tuple[str,
     return full, spans
 
 
-def encode(tokenizer, value, loss_on: str, max_len: int) -> Example:
-    """One row (a conversation, or plain text) -> ids and labels, truncated to max_len tokens."""
+def encode(tokenizer, value, loss_on: str, max_len: int, first_turn: int = 0) -> Example:
+    """One row (a conversation, or plain text) -> ids and labels, truncated to max_len tokens.
+    `first_turn`: assistant turns before it carry no loss (see `encode_completion`)."""
     if isinstance(value, str):  # plain text: every token carries the loss
         text, spans = value + (tokenizer.eos_token or ""), None
     else:
         text, spans = assistant_spans(tokenizer, [{"role": m["role"], "content": m["content"]} for m in value],
-                                      loss_on)
+                                      loss_on, first_turn)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=spans is not None)
     ids = list(encoded["input_ids"])
     if spans is None:
@@ -80,6 +83,12 @@ def encode(tokenizer, value, loss_on: str, max_len: int) -> Example:
     if labels:
         labels[0] = IGNORE
     return Example(ids, labels, truncated)
+
+
+def encode_completion(tokenizer, prompt: list[dict], completion: list[dict], max_len: int) -> Example:
+    """A preference pair's side: prompt + completion rendered by the chat template, labels on the
+    completion's assistant turns only (the tokens whose log-probability DPO compares)."""
+    return encode(tokenizer, list(prompt) + list(completion), "assistant", max_len, first_turn=len(prompt))
 
 
 # --------------------------------------------------------------------------- data order
@@ -172,12 +181,47 @@ def micro_batches(rows_or_examples: list[list[int]], lengths: list[int], *, pack
     return batches
 
 
+def pair_batches(units: list[int], lengths: list[int], *, packed: bool, max_len: int, batch_size: int,
+                 batch_tokens: int | None, seed: int) -> list[list[list[int]]]:
+    """Micro-batches of preference pairs: pair p is examples 2p (chosen) and 2p+1 (rejected), and
+    both sides of a pair always share a micro-batch (the loss compares them).
+
+    Packed: a pair is one unit of rows twice max_len long (each side is at most max_len), so chosen
+    and rejected sit side by side with restarting position ids; `pack` fills the rows. Padded: one
+    side per row; pairs of similar lengths are batched together, `batch_size` pairs (or
+    `batch_tokens` padded tokens) per micro-batch. Either way a micro-batch's examples, read row
+    by row, alternate chosen, rejected (what `preference.split_sides` relies on)."""
+    unit_len = [lengths[2 * p] + lengths[2 * p + 1] for p in units]
+    if packed:
+        rows = [[i for j in row for i in (2 * units[j], 2 * units[j] + 1)] for row in pack(unit_len, 2 * max_len)]
+        return micro_batches(rows, lengths, packed=True, max_len=2 * max_len, batch_size=batch_size,
+                             batch_tokens=batch_tokens, seed=seed)
+    longest = {p: max(lengths[2 * p], lengths[2 * p + 1]) for p in units}
+    window = 64 * batch_size
+    batches: list[list[list[int]]] = []
+    for start in range(0, len(units), window):
+        chunk = sorted(units[start:start + window], key=lambda p: longest[p])
+        batch: list[int] = []
+        for p in chunk:  # ascending lengths: the pair being added is the batch's longest
+            full = (len(batch) >= batch_size) if not batch_tokens else (longest[p] * 2 * (len(batch) + 1) > batch_tokens)
+            if batch and full:
+                batches.append([[i] for q in batch for i in (2 * q, 2 * q + 1)])
+                batch = []
+            batch.append(p)
+        if batch:
+            batches.append([[i] for q in batch for i in (2 * q, 2 * q + 1)])
+    random.Random(seed).shuffle(batches)
+    return batches
+
+
 def collate(batch: list[list[int]], examples: list[Example], labels: list[list[int]], *, packed: bool,
             pad_id: int, row_len: int | None = None) -> dict:
     """Tensors for one micro-batch.
 
     input_ids, labels, position_ids [B, T]; seq_len [B, T] (the length of the example each token
-    belongs to, 0 on padding: NEFTune's L); attention_mask [B, T] for padded batches only. Packed
+    belongs to, 0 on padding: NEFTune's L); segment [B, T] (which of the micro-batch's examples,
+    counted row by row, the token belongs to; -1 on padding: per-sequence sums for preference
+    losses); attention_mask [B, T] for padded batches only. Packed
     rows carry no attention mask: position ids that restart at 0 tell the model where each
     example begins (transformers builds the block-diagonal mask from them)."""
     import torch
@@ -188,6 +232,8 @@ def collate(batch: list[list[int]], examples: list[Example], labels: list[list[i
     lab = torch.full(shape, IGNORE, dtype=torch.long)
     pos = torch.zeros(shape, dtype=torch.long)
     seq_len = torch.zeros(shape, dtype=torch.long)
+    segment = torch.full(shape, -1, dtype=torch.long)
+    count = 0
     for b, row in enumerate(batch):
         at = 0
         for i in row:
@@ -196,9 +242,11 @@ def collate(batch: list[list[int]], examples: list[Example], labels: list[list[i
             lab[b, at:at + n] = torch.tensor(labels[i])
             pos[b, at:at + n] = torch.arange(n)
             seq_len[b, at:at + n] = n
+            segment[b, at:at + n] = count
+            count += 1
             at += n
         pos[b, at:] = torch.arange(width - at)  # padding: one more "sequence" that attends to itself
-    out = {"input_ids": ids, "labels": lab, "position_ids": pos, "seq_len": seq_len}
+    out = {"input_ids": ids, "labels": lab, "position_ids": pos, "seq_len": seq_len, "segment": segment}
     if not packed:
         out["attention_mask"] = (seq_len > 0).long()
     return out

@@ -29,7 +29,7 @@ from typing import Any
 from datamill.atomic import replace_folder, write_atomic
 from datamill.devices import has_bf16
 from train.config import TrainConfig
-from train.data import IGNORE, Example, collate, epoch_order, micro_batches, pack
+from train.data import IGNORE, Example, collate, epoch_order, micro_batches, pack, pair_batches
 
 CHECKPOINT_FILE = "trainer.pt"
 
@@ -42,6 +42,7 @@ class TrainJob:
     out_dir: str  # the final model goes to out_dir/model, metrics to out_dir/log.jsonl
     state_dir: str  # resume checkpoints and per-epoch states while training
     live_log: str | None = None  # launched runs: metrics rows appended here as they come (for the parent)
+    reference_dir: str | None = None  # preference objectives: a reference model other than the base
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
@@ -72,12 +73,16 @@ class Data:
     pad_id: int
     packed: bool
     max_len: int
+    # Preference objectives: example 2p is pair p's chosen side, 2p+1 its rejected side, and a
+    # packed row holds whole pairs (twice max_len long).
+    pairs: bool = False
 
     def tensors(self, micro_batch: list[list[int]], device, training: bool = True) -> dict:
         """A micro-batch's tensors on `device`; evaluation takes its loss on every labelled token."""
         labels = self.train_labels if training else [e.labels for e in self.examples]
+        row_len = 2 * self.max_len if self.pairs else self.max_len
         return {k: v.to(device) for k, v in collate(micro_batch, self.examples, labels, packed=self.packed,
-                                                    pad_id=self.pad_id, row_len=self.max_len).items()}
+                                                    pad_id=self.pad_id, row_len=row_len).items()}
 
 
 @dataclass
@@ -93,6 +98,7 @@ class Run:
     plan: Plan
     select: Any  # _LossPositions
     state_dir: Path
+    reference: Any = None  # preference objectives: every example's reference log-prob ([n] tensor, CPU)
     history: list[dict] = field(default_factory=list)
     # This process's optimizer-step time and tokens, for the summary's throughput.
     totals: dict = field(default_factory=lambda: {"seconds": 0.0, "tokens": 0, "loss_tokens": 0})
@@ -125,14 +131,21 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
         raise ValueError("no training examples (every row was empty or held out)")
     train_labels = _training_labels(cfg, examples)
     loss_counts = [sum(1 for x in labels[1:] if x != IGNORE) for labels in train_labels]
+    # What a step's loss is the mean over: loss tokens (sft), or pairs (preference objectives: each
+    # pair's two examples count half a unit each).
+    units = [0.5] * len(examples) if cfg.preference else loss_counts
 
     # --- 3. Model: base, adapters, memory savers ---
     with _quiet_libraries():
         model, tokenizer = _load_model(cfg, job.model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.to(accelerator.device)
+    if cfg.preference:
+        from train.preference import disable_dropout
+
+        disable_dropout(model)
     packed = _use_packing(cfg, model, accelerator.device)
-    data = Data(examples, train_labels, train_idx, eval_idx, pad_id, packed, cfg.max_len)
+    data = Data(examples, train_labels, train_idx, eval_idx, pad_id, packed, cfg.max_len, pairs=cfg.preference)
     select = _LossPositions(model)  # logits only where a loss is taken, when the model allows it
 
     params = list(model.parameters())
@@ -154,6 +167,13 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
                               optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     run = Run(cfg, accelerator, model, optimizer, scheduler, data, plan, select, state_dir)
+    if cfg.preference and cfg.objective != "simpo":  # before any weight moves (or is restored)
+        from train.preference import reference_logps
+
+        state_dir.mkdir(parents=True, exist_ok=True)
+        run.reference = reference_logps(
+            model, _all_pair_batches(cfg, data), lambda mb: data.tensors(mb, accelerator.device, training=False),
+            state_dir, accelerator, n_examples=len(examples), select=select, reference_dir=job.reference_dir)
 
     # --- 5. Resume from the last checkpoint, if a killed run left one ---
     start_step = 0
@@ -183,6 +203,7 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
             step_start = time.monotonic()
             group = plan.steps[step]
             step_loss_tokens = sum(loss_counts[i] for mb in group for row in mb for i in row)
+            step_units = sum(units[i] for mb in group for row in mb for i in row)
             mine = group[rank::world]
             # A step with fewer micro-batches than processes (an epoch's last, say) leaves this one
             # idle, but DDP's gradient all-reduce needs every process's backward: run the step's
@@ -190,6 +211,7 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
             idle = not mine
             mine = mine or group[:1]
             loss_sum = torch.zeros((), device=accelerator.device)
+            pair_metrics: dict = {}
             slots = tokens = 0
             for i, mb in enumerate(mine):
                 batch = data.tensors(mb, accelerator.device)
@@ -197,13 +219,18 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
                     noise.set_batch(batch["seq_len"])
                 sync = accelerator.no_sync(model) if i < len(mine) - 1 else nullcontext()
                 with sync, accelerator.autocast():
-                    ce = _forward_loss(model, batch, select)
-                    # Each micro-batch's summed CE over the step's loss tokens (all processes): the step's
-                    # gradient is the exact per-token mean, however the tokens fall into micro-batches.
-                    accelerator.backward(ce * (0.0 if idle else world / max(step_loss_tokens, 1)))
+                    if cfg.preference:
+                        summed, mb_metrics = _pair_loss(run, batch, mb)
+                    else:
+                        summed, mb_metrics = _forward_loss(model, batch, select), {}
+                    # Each micro-batch's summed loss over the step's units (loss tokens or pairs, all
+                    # processes): the step's gradient is the exact mean, however they fall into micro-batches.
+                    accelerator.backward(summed * (0.0 if idle else world / max(step_units, 1)))
                 if idle:
                     continue
-                loss_sum += ce.detach()
+                loss_sum += summed.detach()
+                for key, value in mb_metrics.items():
+                    pair_metrics[key] = pair_metrics.get(key, 0.0) + value
                 slots += batch["input_ids"].numel()
                 tokens += int((batch["seq_len"] > 0).sum())
             grad_norm = _clip(accelerator, model, cfg.max_grad_norm)
@@ -218,6 +245,7 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
 
             # --- metrics (summed over processes) ---
             loss_sum, slots, tokens = _sum_over_processes(accelerator, loss_sum, slots, tokens)
+            pair_metrics = _mean_over_units(accelerator, pair_metrics, step_units)
             timer_seconds += time.monotonic() - step_start
             timer_tokens += tokens
             timer_loss_tokens += step_loss_tokens
@@ -225,15 +253,18 @@ def train(job: TrainJob, log=None, progress_desc: str = "train") -> dict:
                                ("loss_tokens", step_loss_tokens)):
                 run.totals[key] += value
             done = step + 1
-            row = {"step": done, "epoch": plan.epoch_of_step[step], "loss": loss_sum / max(step_loss_tokens, 1),
+            row = {"step": done, "epoch": plan.epoch_of_step[step], "loss": loss_sum / max(step_units, 1),
                    "lr": step_lr, "grad_norm": grad_norm,
-                   "useful_token_share": step_loss_tokens / max(slots, 1)}
+                   "useful_token_share": step_loss_tokens / max(slots, 1), **pair_metrics}
             if done % cfg.log_every == 0 or done == total_steps:
                 elapsed = max(timer_seconds, 1e-9)
                 row.update(tokens_per_s=timer_tokens / elapsed, loss_tokens_per_s=timer_loss_tokens / elapsed)
                 timer_seconds, timer_tokens, timer_loss_tokens = 0.0, 0, 0
             if done in eval_steps:
-                row["eval_loss"] = evaluate_loss(model, eval_batches, data, accelerator, select)
+                if cfg.preference:
+                    row.update(_evaluate_pairs(run, eval_batches))
+                else:
+                    row["eval_loss"] = evaluate_loss(model, eval_batches, data, accelerator, select)
                 model.train()
             run.history.append(row)
             if log is not None and accelerator.is_main_process and (done % cfg.log_every == 0 or "eval_loss" in row
@@ -317,6 +348,13 @@ def _forward_loss(model, batch, select: _LossPositions):
     """Summed cross-entropy over the batch's loss-bearing tokens."""
     import torch.nn.functional as F
 
+    logits, targets, _ = loss_logits(model, batch, select)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def loss_logits(model, batch, select: _LossPositions):
+    """The model's logits at the loss-bearing positions ([N, vocab]), their target tokens ([N]),
+    and the positions (bool [B, T-1]: position t predicts labels[:, t+1])."""
     labels = batch["labels"]
     positions = labels[:, 1:] != IGNORE
     targets = labels[:, 1:][positions]
@@ -328,7 +366,42 @@ def _forward_loss(model, batch, select: _LossPositions):
         select.positions = None
     if logits.dim() == 3:  # full logits: pick the loss positions here
         logits = logits[:, :-1][positions]
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return logits, targets, positions
+
+
+def _pair_loss(run: Run, batch: dict, micro_batch: list[list[int]]):
+    """A micro-batch of preference pairs: the summed per-pair loss and the TRL metrics' sums."""
+    from train.preference import metric_sums, pair_losses, sequence_logps
+
+    cfg = run.cfg
+    logps, counts = sequence_logps(run.model, batch, run.select)
+    reference = None
+    if run.reference is not None:
+        order = [i for row in micro_batch for i in row]
+        reference = run.reference[order].to(logps.device, logps.dtype)
+    losses, rewards_c, rewards_r = pair_losses(cfg.objective, cfg.preference_beta(), cfg.gamma, logps, counts,
+                                               reference)
+    return losses.sum(), metric_sums(losses, rewards_c, rewards_r, logps)
+
+
+def _evaluate_pairs(run: Run, batches) -> dict:
+    """Held-out pairs: mean loss and reward accuracy (eval mode, no gradient)."""
+    import torch
+
+    model, accelerator = run.model, run.accelerator
+    model.eval()
+    total, metrics, pairs = 0.0, {}, 0
+    with torch.no_grad():
+        for mb in batches:
+            with accelerator.autocast():
+                summed, mb_metrics = _pair_loss(run, run.data.tensors(mb, accelerator.device, training=False), mb)
+            total += float(summed)
+            pairs += sum(len(row) for row in mb) // 2
+            for key, value in mb_metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + value
+    return {"eval_loss": total / max(pairs, 1),
+            "eval_rewards/accuracies": metrics.get("rewards/accuracies", 0.0) / max(pairs, 1),
+            "eval_rewards/margins": metrics.get("rewards/margins", 0.0) / max(pairs, 1)}
 
 
 def _check_loss_positions(model, select: _LossPositions) -> bool:
@@ -433,9 +506,11 @@ def packing_supported(model, device=None) -> bool:
 def _plan(cfg: TrainConfig, data: Data, tables: list[int], world: int) -> Plan:
     """Every optimizer step's micro-batches, for all epochs, from the seed alone."""
     packed = data.packed
-    by_table: dict[int, list[int]] = {}
+    by_table: dict[int, list[int]] = {}  # table -> its training examples (pairs: pair numbers)
     for i in data.train_idx:
-        by_table.setdefault(tables[i], []).append(i)
+        if data.pairs and i % 2:
+            continue
+        by_table.setdefault(tables[i], []).append(i // 2 if data.pairs else i)
     table_ids = sorted(by_table)
     weights = None
     if cfg.weights() is not None:
@@ -447,6 +522,9 @@ def _plan(cfg: TrainConfig, data: Data, tables: list[int], world: int) -> Plan:
 
     def epoch_batches(epoch: int) -> list:
         order = [by_table[table_ids[t]][r] for t, r in epoch_order(sizes, weights, cfg.seed, epoch)]
+        if data.pairs:
+            return pair_batches(order, lengths, packed=packed, max_len=cfg.max_len, batch_size=cfg.batch_size,
+                                batch_tokens=cfg.batch_tokens, seed=cfg.seed * 7919 + epoch)
         if packed:
             rows = [[order[j] for j in row] for row in pack([lengths[i] for i in order], cfg.max_len)]
         else:
@@ -475,12 +553,22 @@ def _eval_batches(cfg: TrainConfig, data: Data) -> list:
     if not eval_idx:
         return []
     lengths = [len(e.input_ids) for e in data.examples]
+    if data.pairs:
+        return pair_batches([i // 2 for i in eval_idx if i % 2 == 0], lengths, packed=packed, max_len=cfg.max_len,
+                            batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, seed=0)
     if packed:
         rows = [[eval_idx[j] for j in row] for row in pack([lengths[i] for i in eval_idx], cfg.max_len)]
     else:
         rows = [[i] for i in eval_idx]
     return micro_batches(rows, lengths, packed=packed, max_len=cfg.max_len, batch_size=cfg.batch_size,
                          batch_tokens=cfg.batch_tokens, seed=0)
+
+
+def _all_pair_batches(cfg: TrainConfig, data: Data) -> list:
+    """Every pair (training and held out) once: what the reference log-probs are computed over."""
+    lengths = [len(e.input_ids) for e in data.examples]
+    return pair_batches(list(range(len(data.examples) // 2)), lengths, packed=data.packed, max_len=cfg.max_len,
+                        batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, seed=0)
 
 
 def _eval_steps(cfg: TrainConfig, plan: Plan, has_eval: bool) -> set[int]:
@@ -609,6 +697,19 @@ def _clip(accelerator, model, max_norm):
         return float(accelerator.clip_grad_norm_(params, max_norm))
     return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params]))) \
         if params else 0.0
+
+
+def _mean_over_units(accelerator, sums: dict, units: float) -> dict:
+    """Per-micro-batch sums (preference metrics) -> the step's means, over every process."""
+    import torch
+
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="sum")
+    return {k: v / max(units, 1e-9) for k, v in zip(keys, values.tolist())}
 
 
 def _sum_over_processes(accelerator, loss_sum, slots: int, tokens: int):
@@ -827,6 +928,19 @@ def _summary(run: Run, seconds: float, resumed_from: int) -> dict:
         out["tokens_per_s"] = round(totals["tokens"] / totals["seconds"], 1)
     if cfg.goldfish is not None:
         out["goldfish_drop_share"] = round(1 - kept / max(original, 1), 4)
+    if cfg.preference:
+        from train.preference import METRICS
+
+        out.update(objective=cfg.objective, beta=cfg.preference_beta(), train_pairs=len(train_idx) // 2,
+                   eval_pairs=len(run.data.eval_idx) // 2)
+        last = history[-5:]
+        for key in METRICS:  # the last steps' mean, as final_loss
+            values = [r[key] for r in last if key in r]
+            if values:
+                out[f"final_{key.replace('/', '_')}"] = sum(values) / len(values)
+        evals = [r for r in history if "eval_rewards/accuracies" in r]
+        if evals:
+            out["final_eval_rewards_accuracies"] = evals[-1]["eval_rewards/accuracies"]
     out.update(_peak_memory_mb(accelerator))
     return out
 

@@ -52,7 +52,10 @@ class TrainStep(Step):
         return tables
 
     def model_refs(self):
-        return [(("model",), self.config.model)]
+        refs = [(("model",), self.config.model)]
+        if self.config.reference_model():
+            refs.append((("reference",), self.config.reference_model()))
+        return refs
 
     def check(self, env) -> None:
         cfg = self.config
@@ -88,9 +91,11 @@ class TrainStep(Step):
         tokens_file = state / "examples.parquet"
         _write_parquet_atomic(examples, tokens_file)
 
+        reference = cfg.reference_model()
         job = TrainJob(config=cfg.model_dump(mode="json"), model_dir=str(model_dir), examples=str(tokens_file),
                        out_dir=str(ctx.out_dir), state_dir=str(state),
-                       live_log=str(state / "live.jsonl") if cfg.launch else None)
+                       live_log=str(state / "live.jsonl") if cfg.launch else None,
+                       reference_dir=str(ctx.model_path(reference)) if reference else None)
         job.save(state / "job.json")  # the same job runs under `accelerate launch -m train.loop job.json`
         if cfg.launch is None:
             summary = train(job, log=ctx.log_metrics, progress_desc=f"{ctx.name}: train")
@@ -169,7 +174,7 @@ class TrainStep(Step):
             rejected.append(bad.with_columns(pl.lit(table).alias("table_name")))
         examples = pl.concat(parts, how="vertical")
         if cfg.eval_fraction and not cfg.eval_data:
-            examples = _hold_out(examples, cfg.eval_fraction, cfg.seed)
+            examples = _hold_out(examples, cfg.eval_fraction, cfg.seed, by_id=cfg.preference)
         return examples, pl.concat(rejected, how="vertical")
 
     def _tokenise_table(self, ctx, model_dir: Path, table: str):
@@ -182,8 +187,9 @@ class TrainStep(Step):
 
         cfg = self.config
         path = ctx.input_path(table)
+        layout = "pairs" if cfg.preference else f"{cfg.column}|{cfg.loss_on}"
         cache_key = hashlib.sha256("|".join([
-            TOKENS_VERSION, _digest(path), _tokenizer_fingerprint(model_dir), cfg.column, cfg.loss_on,
+            TOKENS_VERSION, _digest(path), _tokenizer_fingerprint(model_dir), layout,
             str(cfg.max_len)]).encode()).hexdigest()[:24]
         cache = Path(ctx.shared_dir) / "train-tokens" / f"{cache_key}.parquet"
         cached_bad = cache.with_suffix(".rejected.parquet")
@@ -191,6 +197,8 @@ class TrainStep(Step):
             return pl.read_parquet(cache), pl.read_parquet(cached_bad)
 
         df = ctx.read(table)
+        if cfg.preference:
+            return self._tokenise_pairs(ctx, model_dir, table, df, cache, cached_bad)
         if cfg.column not in df.columns:
             raise DatamillError(f"table '{table}' has no column '{cfg.column}' (columns: {', '.join(df.columns)}); "
                                 "set `column:` to the conversation or text column")
@@ -218,14 +226,81 @@ class TrainStep(Step):
                                  "truncated": ex.truncated})
                     continue
             bad.append({"id": row_id, "reason": reason})
-        schema = {"id": pl.String, "input_ids": pl.List(pl.Int32), "labels": pl.List(pl.Int32),
-                  "tokens": pl.Int64, "loss_tokens": pl.Int64, "truncated": pl.Boolean}
-        tokens = pl.DataFrame(rows, schema=schema)
-        bad_df = pl.DataFrame(bad, schema={"id": pl.String, "reason": pl.String})
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        _write_parquet_atomic(bad_df, cached_bad)
-        _write_parquet_atomic(tokens, cache)
-        return tokens, bad_df
+        return _save_tokens(rows, bad, cache, cached_bad)
+
+    def _tokenise_pairs(self, ctx, model_dir: Path, table: str, df, cache: Path, cached_bad: Path):
+        """A preference table -> two examples per pair, chosen then rejected (rows 2p and 2p+1),
+        labels on the completions; unusable pairs go to the rejected table with the reason."""
+        from transformers import AutoTokenizer
+
+        from datamill import progress
+        from train.data import TemplateError, encode_completion
+
+        cfg = self.config
+        missing = [c for c in ("prompt", "chosen", "rejected") if c not in df.columns]
+        if missing:
+            raise DatamillError(
+                f"objective: {cfg.objective} trains on preference pairs, but table '{table}' has no "
+                f"{', '.join(repr(c) for c in missing)} column (columns: {', '.join(df.columns)}); make pairs with a "
+                "`pairs` step, or read them with a source of `schema: preference`")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        ids = df["id"].to_list() if "id" in df.columns else [f"{table}:{i}" for i in range(df.height)]
+        rows, bad = [], []
+        triples = zip(ids, df["prompt"].to_list(), df["chosen"].to_list(), df["rejected"].to_list())
+        for row_id, prompt, chosen, rejected in progress.track(list(triples), f"{ctx.name}: tokenise {table}"):
+            reason = _unusable_pair(prompt, chosen, rejected)
+            if reason is None:
+                try:
+                    sides = [encode_completion(tokenizer, _turns(prompt), _turns(c), cfg.max_len)
+                             for c in (chosen, rejected)]
+                except TemplateError as e:
+                    raise DatamillError(f"table '{table}': {e}") from None
+                counts = [sum(1 for x in ex.labels if x != -100) for ex in sides]
+                if min(counts) == 0:
+                    reason = (f"no completion token within max_len={cfg.max_len} tokens (the prompt takes "
+                              f"{min(len(ex.input_ids) for ex in sides)}+ tokens): raise max_len")
+                else:
+                    rows += [{"id": row_id, "side": side, "input_ids": ex.input_ids, "labels": ex.labels,
+                              "tokens": len(ex.input_ids), "loss_tokens": n, "truncated": ex.truncated}
+                             for side, ex, n in zip(("chosen", "rejected"), sides, counts)]
+                    continue
+            bad.append({"id": row_id, "reason": reason})
+        return _save_tokens(rows, bad, cache, cached_bad, pairs=True)
+
+
+def _save_tokens(rows: list[dict], bad: list[dict], cache: Path, cached_bad: Path, pairs: bool = False):
+    """The tokenised rows and the rejected ones as frames, written to the token cache."""
+    import polars as pl
+
+    schema = {"id": pl.String, **({"side": pl.String} if pairs else {}), "input_ids": pl.List(pl.Int32),
+              "labels": pl.List(pl.Int32), "tokens": pl.Int64, "loss_tokens": pl.Int64, "truncated": pl.Boolean}
+    tokens = pl.DataFrame(rows, schema=schema)
+    bad_df = pl.DataFrame(bad, schema={"id": pl.String, "reason": pl.String})
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    _write_parquet_atomic(bad_df, cached_bad)
+    _write_parquet_atomic(tokens, cache)
+    return tokens, bad_df
+
+
+def _turns(value) -> list[dict]:
+    """A preference column's value as messages (a plain string is one turn: user for a prompt is
+    not expected here, since sources normalise it; an assistant completion otherwise)."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _unusable_pair(prompt, chosen, rejected) -> str | None:
+    if not prompt:
+        return "no prompt"
+    if not chosen or not rejected:
+        return "empty chosen or rejected completion"
+    if _turns(chosen) == _turns(rejected):
+        return "chosen and rejected are identical: the pair teaches nothing"
+    for name, side in (("chosen", chosen), ("rejected", rejected)):
+        if not any(m["role"] == "assistant" and m["content"] for m in _turns(side)):
+            return f"the {name} completion has no assistant turn"
+    return None
 
 
 def _unusable(value, conversational: bool, loss_on: str) -> str | None:
@@ -240,15 +315,22 @@ def _unusable(value, conversational: bool, loss_on: str) -> str | None:
     return None
 
 
-def _hold_out(examples, fraction: float, seed: int):
+def _hold_out(examples, fraction: float, seed: int, by_id: bool = False):
     """Mark round(fraction * n) training rows (at least one) as eval, chosen by a hash of (seed, id):
-    the same row is held out whatever the table's order."""
+    the same row is held out whatever the table's order. `by_id`: n counts distinct ids and rows
+    sharing an id go together (a preference pair's two sides)."""
     import polars as pl
 
     train = examples.filter(pl.col("split") == "train")
-    n = max(1, round(fraction * train.height))
-    score = [(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest(), k) for k, i in enumerate(train["id"].to_list())]
-    held = set(sorted(range(train.height), key=lambda k: score[k])[:n])
+    ids = train["id"].to_list()
+    score = [(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest(), k) for k, i in enumerate(ids)]
+    if by_id:
+        distinct = sorted({s for s, _ in score})
+        chosen = set(distinct[:max(1, round(fraction * len(distinct)))])
+        held = {k for s, k in score if s in chosen}
+    else:
+        n = max(1, round(fraction * train.height))
+        held = set(sorted(range(train.height), key=lambda k: score[k])[:n])
     is_eval = pl.Series([k in held for k in range(train.height)])
     train = train.with_columns(split=pl.when(is_eval).then(pl.lit("eval")).otherwise(pl.lit("train")),
                                table=pl.when(is_eval).then(pl.lit(-1, pl.Int64)).otherwise(pl.col("table")))

@@ -1,12 +1,13 @@
 """`source`: read a local file/folder or a Hugging Face hub dataset into a table.
 
 With `schema: instruction` (the default) every row is normalised to the canonical
-instruction schema (see `datamill/records.py`); with `schema: raw` columns are kept as they
-are. Either way a row that cannot be read (invalid UTF-8, bad JSON, not an object, over
-`max_row_bytes`, a CSV record with the wrong number of fields or an unterminated quote) or
-normalised goes to `<name>__rejected` with its line number and the reason: nothing is dropped
-silently. A source that ends with no row at all (an empty file, or every row rejected) fails
-with the reasons unless `allow_empty: true`.
+instruction schema (see `datamill/records.py`); with `schema: preference` to the canonical
+preference schema (prompt/chosen/rejected message lists, `records.normalize_preference_record`);
+with `schema: raw` columns are kept as they are. Either way a row that cannot be read (invalid
+UTF-8, bad JSON, not an object, over `max_row_bytes`, a CSV record with the wrong number of
+fields or an unterminated quote) or normalised goes to `<name>__rejected` with its line number
+and the reason: nothing is dropped silently. A source that ends with no row at all (an empty
+file, or every row rejected) fails with the reasons unless `allow_empty: true`.
 
 Rows are read in batches (32 MB of JSON Lines, 65,536 rows of a table or CSV file), parsed into
 columns (pyarrow's JSON reader, which refuses what it cannot read as Python's json does) and
@@ -14,7 +15,9 @@ normalised by columns (`records.normalize_columns`); the rows that cannot be dec
 with certainty, and every row of a batch the JSON reader refuses, take the row path (Python's
 json, `records.normalize_record`), so that both tables are exactly what the row path makes of
 the input. Each batch is written as it is done: memory holds a batch, not the input. JSON
-arrays (.json) and `schema: raw` CSV files are read a row at a time.
+arrays (.json) and `schema: raw` CSV files are read a row at a time. `schema: preference` rows
+always take the row path, a batch of 65,536 rows at a time (preference sets are small next to
+instruction pools, and their layouts are nested lists that a column reader would mostly hand back).
 """
 
 from __future__ import annotations
@@ -61,8 +64,11 @@ class SourceConfig(StepConfig):
     """Name of an environment variable holding a hub token (read at run time, never logged)."""
     format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf_disk"] = "auto"
     """File format; `auto` decides by suffix (a save_to_disk folder is `hf_disk`)."""
-    record_schema: Literal["instruction", "raw"] = Field("instruction", alias="schema")
+    record_schema: Literal["instruction", "preference", "raw"] = Field("instruction", alias="schema")
     """`instruction`: normalise rows to id/messages/source/provenance (+ extra columns);
+    `preference`: normalise preference rows to id/prompt/chosen/rejected/source/provenance (+ extra
+    columns), from TRL's conversational ({prompt, chosen, rejected} turn lists), standard (texts) or
+    implicit-prompt (whole conversations, as ultrafeedback_binarized) layouts, lists also as JSON text;
     `raw`: keep columns as they are (bad lines and oversized rows are still rejected)."""
     max_row_bytes: int = Field(1_000_000, gt=0)
     """Rows larger than this (as JSON text) are rejected rather than loaded."""
@@ -171,6 +177,10 @@ class SourceStep(Step):
             from datamill.records import accepted_rows_note
 
             lines.append(accepted_rows_note())
+        elif self.config.record_schema == "preference":
+            from datamill.records import accepted_preference_rows_note
+
+            lines.append(accepted_preference_rows_note())
         lines.append(f"set `allow_empty: true` on source '{name}' to go on with no rows "
                      f"(the rejected rows then land in {name}__rejected)")
         return "\n".join(lines)
@@ -199,14 +209,18 @@ class SourceStep(Step):
         cfg = self.config
         with bar(f"{ctx.name}: {label}", total=total) as progress:
             job = Job(ctx.name, cfg.record_schema, cfg.max_row_bytes, budget, progress)
-            yield from (row_path_batches(reader, job) if _ROW_PATH else reader.batches(job))
+            if cfg.record_schema == "preference":
+                yield from preference_batches(reader, job)
+            else:
+                yield from (row_path_batches(reader, job) if _ROW_PATH else reader.batches(job))
 
     def _empty_ok(self):
         import polars as pl
 
-        from datamill.records import INSTRUCTION_SCHEMA
+        from datamill.records import INSTRUCTION_SCHEMA, PREFERENCE_SCHEMA
 
-        return pl.DataFrame(schema=INSTRUCTION_SCHEMA if self.config.record_schema == "instruction" else {})
+        schemas = {"instruction": INSTRUCTION_SCHEMA, "preference": PREFERENCE_SCHEMA}
+        return pl.DataFrame(schema=schemas.get(self.config.record_schema, {}))
 
 
 # --- finding the files ---------------------------------------------------------------------
@@ -334,6 +348,28 @@ def row_path_batches(reader: "FileReader", job: Job):
     parse_rejected = rejected_frame(
         [{"line": line, "reason": reason, "raw": raw_text(raw)} for line, reason, raw in parse_rejects])
     yield ok, concat_frames([parse_rejected, normalize_rejects]).sort("line", maintain_order=True)
+
+
+def preference_batches(reader: "FileReader", job: Job):
+    """(ok, rejected) of an input of preference rows, 65,536 rows at a time, each row through
+    `normalize_preference_record`; rows that failed to parse are rejected with their reason as
+    in the other schemas."""
+    from datamill.records import normalize_preference_frame, raw_text, rejected_frame
+
+    for batch in _item_batches(reader.items(job.max_row_bytes), job, _TABLE_ROWS):
+        # The size was checked on the raw input already, so max_row_bytes=None here.
+        ok, rejected = normalize_preference_frame(
+            ((line, row) for line, row, problem in batch if problem is None), job.source)
+        unread = rejected_frame([{"line": line, "reason": problem, "raw": raw_text(row)}
+                                 for line, row, problem in batch if problem is not None])
+        yield ok, _in_line_order(rejected, unread)
+
+
+def _in_line_order(*frames):
+    """Rejected frames as one, in line order."""
+    from datamill.records import concat_frames
+
+    return concat_frames([f for f in frames if f.height] or [frames[0]]).sort("line", maintain_order=True)
 
 
 # --- reading by columns --------------------------------------------------------------------
