@@ -18,83 +18,72 @@ Each result is parsed by its prompt's parser (datagen/parsing.py) into canonical
 datamill/records.py) plus provenance columns; outputs that do not parse and requests that
 failed go to `<step>__rejected` with the reason and the raw text. Rows are in request order,
 so a resumed run writes the same table as a clean one.
+
+`samples: k` samples k responses per request: sample s of request k uses its own seed (sample 0
+the seed above, so its request, and its cached result, are those of a run without samples).
+
+Responding to a table (`input:` instead of `prompts:`): each row's conversation (`column`, a
+message list whose last assistant turn, if any, is dropped; or a string, one user message) is the
+prompt, sent as is, and each of its k samples is one request with the seed
+`stable_seed(seed, row id, s)`: a function of the row's `id`, not of its position, so reordering
+or adding rows leaves the other rows' requests (and their cache entries) as they were. An output
+row is the prompt plus the sampled reply (the raw text, stripped; no parser), with `parent_id` =
+the input row's id, `sample` = s, and every other input column carried over unchanged (a task
+row's `answer` and `family`, so a later step can verify the reply). The input is read a window of
+rows at a time.
 """
 
 from __future__ import annotations
 
-import functools
-import re
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from dataclasses import field as dc_field
-from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
 from datagen import prompt_library
-from datagen.backends import BackendName, is_local
-from datagen.backends.base import BackendStats, GenRequest, GenResult
+from datagen.backends import is_local
+from datagen.backends.base import GenRequest
+from datagen.requests import (  # noqa: F401  (re-exported: the generate step's names since the start)
+    EXECUTION_ONLY, LITERAL_KEY_ERROR, PROGRESS_POINTS, BackendConfig, OpenAIConfig, RequestCache,
+    backend_key_config, cache_folder_name, failure_error, generate_shard, make_backend, merge_backend_counters,
+    per_task, request_id, split_last_turn, stable_seed)
+from datagen.requests import BuiltOnce as _BuiltOnce  # noqa: F401
 from datamill.errors import DatamillError, FieldError
-from datamill.hashing import canonical_json, hash_obj
-from datamill.secrets import scrub
-from datamill.step import Step, StepConfig
+from datamill.hashing import canonical_json
+from datamill.step import Step
 
 SEED_STRIDE = 1_000_003  # seed_k = seed * SEED_STRIDE + k
 SAMPLE_ROWS = 50
 REJECTED_SAMPLE_ROWS = 20
 WINDOW = 65_536  # requests planned, sent and written at a time (times the executor's workers)
 TABLE_BATCH = 8_192  # results read back from the request cache at a time to build the tables
-PROGRESS_POINTS = 20  # progress metrics (requests done, tokens/s) logged this many times per run
-LITERAL_KEY_ERROR = ("a literal api_key is not allowed in a spec: put the key in an environment variable "
-                     "and name it with api_key_env")
+# Columns an output row of input mode gets from the step; the input's other columns are carried over.
+RESPONSE_COLUMNS = ("sample", "request_id", "gen_finish_reason")
 
 
-class OpenAIConfig(StepConfig):
-    """An OpenAI-compatible chat completions server (OpenAI, vLLM serve, llama.cpp, TGI, ...)."""
+class GenerateConfig(BackendConfig):
+    """Generate instruction data from generator prompts (GenQA), or responses to a table's prompts."""
 
-    base_url: str = "http://127.0.0.1:8000/v1"
-    """Server URL up to and including /v1."""
-    api_key_env: Optional[str] = None
-    """Name of the environment variable holding the API key (none: send no key, as local servers expect)."""
-    api_key: Optional[str] = None
-    """Not allowed: a key written in a spec ends up in git and logs. Use `api_key_env`."""
-    max_in_flight: int = Field(64, ge=1, le=4096)
-    """Requests sent concurrently (in all: on a Ray executor each of the tasks running at once
-    sends its share). Does not change the results (not part of the cache key)."""
-    timeout_s: float = Field(120, gt=0)
-    """Seconds to wait for one response before retrying it."""
-    max_retries: int = Field(6, ge=0)
-    """Retries of a request after errors (timeouts, HTTP 429/5xx); then it is recorded as failed and
-    tried again on the next run."""
-    backoff_s: float = Field(1.0, ge=0)
-    """First wait between retries, doubled each time (with jitter)."""
-
-    @field_validator("api_key")
-    @classmethod
-    def _no_literal_key(cls, value):
-        if value is not None:
-            raise ValueError(LITERAL_KEY_ERROR)
-        return value
-
-
-class GenerateConfig(StepConfig):
-    """Generate instruction data from generator prompts (GenQA)."""
-
-    model: str
-    """Model: a `models:` name or a model reference (transformers, vllm), or the model name the
-    server knows (openai)."""
-    backend: BackendName = "transformers"
-    """Where generation runs: `transformers` (local, CPU or GPU), `openai` (any OpenAI-compatible
-    server), `vllm` (vLLM's offline engine; needs `pip install vllm` and a GPU), or a backend you
-    registered (datagen/backends)."""
-    prompts: list[str] = Field(min_length=1)
+    prompts: Optional[list[str]] = Field(None, min_length=1)
     """Generator prompts: names from the library (academic, writing, task, math, multiple_choice,
-    dialog, code, general: datagen/prompts/) or paths of your own YAML files, relative to the spec."""
-    n: int = Field(gt=0)
-    """Number of requests; request k uses prompts[k % len(prompts)]. Raising n sends only the new requests."""
+    dialog, code, general: datagen/prompts/) or paths of your own YAML files, relative to the spec.
+    Give either `prompts` (with `n`) or `input`."""
+    n: Optional[int] = Field(None, gt=0)
+    """Number of requests (with `prompts`); request k uses prompts[k % len(prompts)]. Raising n sends
+    only the new requests."""
+    input: Optional[str] = None
+    """A table whose rows are prompts to respond to (instead of `prompts`): each row's `column` is
+    the prompt; the outputs keep the row's other columns and point at it with `parent_id`."""
+    column: str = "messages"
+    """With `input`: the column holding each row's conversation, a list of {role, content} (a last
+    assistant turn is dropped to form the prompt) or a string (one user message)."""
+    samples: int = Field(1, ge=1)
+    """Responses sampled per prompt, each with its own seed. Raising it sends only the new samples;
+    sample 0 is the request a run without samples makes."""
     seed: int = 0
-    """Seed of the injected indices and of sampling (request k samples with seed*1000003 + k)."""
+    """Seed of the injected indices and of sampling (request k samples with seed*1000003 + k; with
+    `input`, sample s of a row with seed hash(seed, row id, s))."""
     temperature: float = Field(1.0, ge=0)
     """Sampling temperature (0: greedy)."""
     top_p: float = Field(0.95, gt=0, le=1)
@@ -104,20 +93,21 @@ class GenerateConfig(StepConfig):
     keep_truncated: bool = False
     """Keep outputs that hit max_tokens when they still parse. Off: they are rejected (reason kind
     `truncated`), since their last answer may be cut off mid-sentence."""
-    max_failed_fraction: float = Field(1.0, ge=0, le=1)
-    """Share of requests that may fail for good (after the backend's retries) with the step still
-    succeeding. Failed requests go to the rejected table (reason kind `request_failed`) and are
-    sent again the next time the step runs (e.g. with a larger n). Above this share the step fails
-    instead, every finished request stays in the request cache, and re-running the same spec sends
-    only the failed ones: set 0 to insist on every request. Not part of the cache key."""
-    batch_size: int = Field(16, ge=1)
-    """transformers: requests per batch; vllm: at least this many per engine call. Not part of the cache key."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights' dtype for local backends (auto: float32 on CPU, bfloat16/float16 on GPU)."""
-    device: str = "auto"
-    """transformers: cpu, cuda, cuda:1, mps (auto: cuda when available). Not part of the cache key."""
-    openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
-    """Server settings for backend: openai."""
+
+    @model_validator(mode="after")
+    def _prompts_or_input(self):
+        if self.prompts is not None and self.input is not None:
+            raise ValueError("give either `prompts` (GenQA: generator prompts, with `n`) or `input` (a table "
+                             "of prompts to respond to), not both")
+        if self.prompts is None and self.input is None:
+            raise ValueError("needs `prompts` (GenQA: generator prompts, with `n`) or `input` (a table of "
+                             "prompts to respond to)")
+        if self.prompts is not None and self.n is None:
+            raise ValueError("`prompts` needs `n`: how many requests to make")
+        if self.input is not None and self.n is not None:
+            raise ValueError("`n` counts GenQA requests; with `input` every row of the table is a prompt "
+                             "(leave n out)")
+        return self
 
 
 @dataclass(frozen=True)
@@ -126,183 +116,138 @@ class PlannedRequest:
     prompt: prompt_library.GeneratorPrompt
     draw: prompt_library.Draw
     request: GenRequest
+    sample: int = 0
 
 
-def request_id(messages: list[dict], temperature: float, top_p: float, max_tokens: int, seed: int,
-               model: str) -> str:
-    """The resume key: equal rendered prompt, sampling params, seed and model give equal ids."""
-    import hashlib
+@dataclass(frozen=True)
+class RowRequest:
+    """Sample `sample` of input row `row` (its position in the batch); `request` None when the row
+    has no prompt (`problem` says why)."""
 
-    payload = {"messages": messages, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
-               "seed": seed, "model": model}
-    return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()[:24]
+    row: int
+    parent_id: str
+    sample: int
+    prompt: list[dict]
+    request: Optional[GenRequest]
+    problem: Optional[str] = None
+
+
+def sample_seed(config: GenerateConfig, k: int, sample: int) -> int:
+    """The sampling seed of sample s of GenQA request k: sample 0 keeps the seed it always had."""
+    if sample == 0:
+        return config.seed * SEED_STRIDE + k
+    return stable_seed(config.seed, "genqa", k, sample)
 
 
 def plan_requests(config: GenerateConfig, prompts: list[prompt_library.GeneratorPrompt], model: str,
                   start: int = 0, stop: int | None = None) -> list[PlannedRequest]:
-    """Requests start..stop-1 (default: all n). Request k depends on k, never on n."""
+    """Requests start..stop-1 (default: all n), each with its samples. Request k depends on k, never on n."""
     planned = []
     for k in range(start, config.n if stop is None else stop):
         prompt = prompts[k % len(prompts)]
         draw = prompt.draw(config.seed, k)
         messages = prompt.render(draw)
-        seed_k = config.seed * SEED_STRIDE + k
-        rid = request_id(messages, config.temperature, config.top_p, config.max_tokens, seed_k, model)
-        planned.append(PlannedRequest(k, prompt, draw, GenRequest(
-            id=rid, messages=messages, temperature=config.temperature, top_p=config.top_p,
-            max_tokens=config.max_tokens, seed=seed_k)))
+        for s in range(config.samples):
+            seed_k = sample_seed(config, k, s)
+            rid = request_id(messages, config.temperature, config.top_p, config.max_tokens, seed_k, model)
+            planned.append(PlannedRequest(k, prompt, draw, GenRequest(
+                id=rid, messages=messages, temperature=config.temperature, top_p=config.top_p,
+                max_tokens=config.max_tokens, seed=seed_k), s))
     return planned
 
 
-def cache_folder_name(label: str, identity: str) -> str:
-    """A readable, filesystem-safe folder name for one model's request cache."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "model"
-    return f"{safe[:60]}-{hash_obj(identity, 8)}"
-
-
-def make_backend(cfg: GenerateConfig, model_dir: Path | None, step_name: str):
-    from datagen.backends import backend_class
-
-    cls = backend_class(cfg.backend)
-    if not is_local(cfg.backend):
-        return cls(cfg.openai, cfg.model)
-    return cls(model_dir, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device,
-               progress_desc=f"{step_name}: generate")
-
-
-def generate_shard(requests: list[GenRequest], *, backend, emit) -> dict:
-    """One shard of requests, each result emitted as it finishes: `backend` is the shards' `setup`
-    (one for all shards here, one per task on Ray). Returns the backend's own counters."""
-    backend.generate(requests, emit)
-    return backend.stats.extra
-
-
-def merge_backend_counters(parts: list[dict]) -> dict:
-    """The backends' counters of every shard: "peak_*" the largest, other numbers summed. A backend
-    shared by the shards (locally) returns the same dict each time: counted once."""
-    merged: dict = {}
-    for part in {id(p): p for p in parts}.values():
-        for key, value in part.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                merged[key] = max(merged.get(key, value), value) if key.startswith("peak") else merged.get(key, 0) + value
-    return merged
+def plan_row_requests(config: GenerateConfig, batch, model: str) -> list[RowRequest]:
+    """The requests of a batch of input rows, row by row, each row's samples in order."""
+    if "id" not in batch.columns:
+        raise DatamillError(f"generate input '{config.input}' has no `id` column: each row's samples are "
+                            "seeded by its id (a source or a generate step gives one; in SQL, keep `id`)")
+    if config.column not in batch.columns:
+        raise DatamillError(f"generate input '{config.input}' has no column '{config.column}' (columns: "
+                            f"{', '.join(batch.columns)}); set `column:` to the one holding the prompts")
+    planned = []
+    for row, (parent, value) in enumerate(zip(batch["id"].to_list(), batch[config.column].to_list())):
+        prompt, _ = split_last_turn(value)
+        problem = None
+        if parent is None:
+            problem = "the input row has no id"
+        elif not prompt or not any((m.get("content") or "").strip() for m in prompt):
+            problem = f"empty prompt: the row's '{config.column}' has nothing before its last assistant turn"
+        for s in range(config.samples):
+            seed = stable_seed(config.seed, parent, s)
+            request = None if problem else GenRequest(
+                id=request_id(prompt, config.temperature, config.top_p, config.max_tokens, seed, model),
+                messages=prompt, temperature=config.temperature, top_p=config.top_p,
+                max_tokens=config.max_tokens, seed=seed)
+            planned.append(RowRequest(row, parent, s, prompt, request, problem))
+    return planned
 
 
 class GenerateStep(Step):
-    """Generate instruction data with an LLM from generator prompts (GenQA)."""
+    """Generate instruction data with an LLM from generator prompts (GenQA), or respond to a table's prompts."""
 
     kind = "generate"
-    execution_only = ("batch_size", "device", "max_failed_fraction")
+    execution_only = EXECUTION_ONLY
     Config = GenerateConfig
-    version = "1"
+    version = "2"  # 2: the `sample` column; responding to an input table
     side_tables = ("rejected",)
+
+    def input_tables(self):
+        return [(("input",), self.config.input)] if self.config.input else []
 
     def model_refs(self):
         return [(("model",), self.config.model)] if is_local(self.config.backend) else []
 
     def check(self, env) -> None:
-        for i, entry in enumerate(self.config.prompts):
+        for i, entry in enumerate(self.config.prompts or ()):
             try:
                 prompt_library.load(entry, env.base_dir)
             except prompt_library.PromptError as e:
                 raise FieldError(("prompts", i), str(e)) from None
 
     def key_config(self) -> dict:
-        config = super().key_config()
-        if self.config.backend == "openai":
-            for field in ("max_in_flight", "timeout_s", "max_retries", "backoff_s", "api_key_env", "api_key"):
-                config["openai"].pop(field)
-        else:
-            config.pop("openai")
-        return config
+        return backend_key_config(super().key_config(), self.config.backend)
 
     def key_material(self, env) -> dict:
         # The prompts' contents decide the output: editing a prompt file reruns the step.
         hashes = []
-        for entry in self.config.prompts:
+        for entry in self.config.prompts or ():
             try:
                 hashes.append(prompt_library.load(entry, env.base_dir).hash)
             except prompt_library.PromptError:
                 hashes.append(None)  # check() reports it
-        return {"prompts": hashes}
+        return {"prompts": hashes} if self.config.prompts else {}
 
     # --- running ---------------------------------------------------------------------------
 
     def run(self, ctx) -> None:
-        import numpy as np
-
-        from datagen.shards import ShardStore
-
         cfg = self.config
-        prompts = [prompt_library.load(entry, ctx.env.base_dir) for entry in cfg.prompts]
-        model_dir = None
-        if is_local(cfg.backend):
-            from datamill.models import model_identity
-
-            model_dir = Path(ctx.model_path(cfg.model))
-            identity, label = model_identity(str(model_dir), ctx.env.base_dir), model_dir.name
-        else:
-            identity, label = f"openai:{cfg.model}", cfg.model
-
-        store = ShardStore(Path(ctx.shared_dir) / "generate" / cfg.backend / cache_folder_name(label, identity))
-        index = store.index()  # which requests are finished, and where: ~25 bytes each, no text
-        make = _BuiltOnce(functools.partial(make_backend, self._per_task(cfg, ctx.shards.workers), model_dir, ctx.name))
-        stats, parts, tally = BackendStats(), [], _Tally()
-        todo_count = resent_failed = 0
-        fresh: dict = {}  # this window's results from this run: request id -> where store.append put it
-        sending = {"since": None}  # when the current window's sends began (stats.seconds: the earlier ones')
-        every = max(1, cfg.n // PROGRESS_POINTS)
-        started = time.monotonic()
-
-        def log_progress() -> None:
-            now_sending = time.monotonic() - sending["since"] if sending["since"] is not None else 0.0
-            elapsed = max(stats.seconds + now_sending, 1e-9)
-            ctx.log_metrics({"progress.requests_done": stats.sent,
-                             "progress.tokens_out_per_s": round(stats.tokens_out / elapsed, 2)}, step=stats.sent)
-
-        def save(_, r: GenResult) -> None:  # at once here; as its shard's task returns on Ray
-            stats.count(r)
-            stats.retried += r.attempts - 1
-            stats.failed += r.text is None
-            record = asdict(r)
-            for field in ("text", "error"):  # an error may quote request headers: keep keys out of files
-                if record[field]:
-                    record[field] = scrub(record[field])
-            fresh[r.id] = store.append(record)
-            if stats.sent % every == 0:
-                log_progress()
-
+        total = (cfg.n if cfg.prompts else ctx.input_rows(cfg.input)) * cfg.samples
+        tally = _Tally()
         # Window by window: plan, send what the cache lacks, then write the window's rows from the
-        # cache in request order, so memory holds one window (and the index), never n results.
-        # With several workers (Ray) `slices` cuts a window into ~4 tasks per worker, each building its
-        # own backend (loading the model): a window that big gives each task about WINDOW requests.
-        window = WINDOW * (4 * ctx.shards.workers if ctx.shards.workers > 1 else 1)
-        try:
-            with ctx.writer() as out, ctx.writer("rejected") as out_rejected:
+        # cache in request order, so memory holds one window (and the index), never all results.
+        with RequestCache(ctx, cfg, total) as cache, \
+                ctx.writer() as out, ctx.writer("rejected") as out_rejected:
+            window = max(1, cache.window(WINDOW) // cfg.samples)  # prompts (or rows) per window
+            if cfg.prompts:
+                prompts = [prompt_library.load(entry, ctx.env.base_dir) for entry in cfg.prompts]
                 for first in range(0, cfg.n, window):
-                    planned = plan_requests(cfg, prompts, identity, first, min(cfg.n, first + window))
-                    found, finished = index.lookup([p.request.id for p in planned])
-                    todo = [p.request for p, done in zip(planned, finished) if not done]
-                    todo_count += len(todo)
-                    resent_failed += int(np.count_nonzero(found & ~finished))
-                    fresh.clear()
-                    if todo:  # request shards as executor tasks; this process alone writes the request cache
-                        sending["since"] = time.monotonic()
-                        parts += ctx.shards.map(generate_shard, ctx.shards.slices(todo), setup={"backend": make},
-                                                on_emit=save)
-                        stats.seconds += time.monotonic() - sending["since"]
-                        sending["since"] = None
-                    self._write_tables(ctx, planned, index, fresh, out, out_rejected, tally)
-        finally:
-            store.close()
-        if stats.sent % every:
-            log_progress()
-        stats.extra = merge_backend_counters(parts)
-        seconds = time.monotonic() - started
-
-        self._report(ctx, cfg.n, todo_count, resent_failed, stats, seconds, tally, index.torn_lines)
+                    planned = plan_requests(cfg, prompts, cache.identity, first, min(cfg.n, first + window))
+                    cache.send([p.request for p in planned])
+                    self._write_tables(ctx, planned, cache.index, cache.fresh, out, out_rejected, tally)
+            else:
+                for batch in ctx.read_batches(cfg.input, rows=window):
+                    planned = plan_row_requests(cfg, batch, cache.identity)
+                    cache.send([p.request for p in planned if p.request is not None])
+                    for i in range(0, len(planned), TABLE_BATCH):
+                        chunk = planned[i:i + TABLE_BATCH]
+                        rows, rejected = self._response_tables(
+                            ctx, batch, chunk, cache.read([p.request.id for p in chunk if p.request is not None]))
+                        out.write(rows)
+                        out_rejected.write(rejected)
+                        tally.add(rows, rejected)
+        self._report(ctx, total, cache, tally)
         ctx.stats.update(ctx.shards.summary())
-        self._check_failures(tally, cfg.n)
+        self._check_failures(tally, total)
 
     def _write_tables(self, ctx, planned: list[PlannedRequest], index, fresh: dict, out, out_rejected,
                       tally: "_Tally") -> None:
@@ -318,19 +263,29 @@ class GenerateStep(Step):
 
     def _check_failures(self, tally: "_Tally", total: int) -> None:
         if tally.failed and tally.failed > self.config.max_failed_fraction * total:
-            raise DatamillError(
-                f"{tally.failed} of {total} requests failed ({tally.first_failure}); the finished ones are "
-                "saved in the request cache, so a re-run sends only the failed ones (to accept failures, "
-                "raise max_failed_fraction: they then go to the rejected table)")
+            raise failure_error(tally.failed, total, tally.first_failure)
 
     @staticmethod
     def _per_task(cfg: GenerateConfig, tasks_at_once: int) -> GenerateConfig:
-        """The config a shard's task runs with: `max_in_flight` split between the tasks that run at
-        once, so the endpoint sees the concurrency the spec asks for on either executor."""
-        if cfg.backend != "openai":
-            return cfg
-        share = max(1, -(-cfg.openai.max_in_flight // tasks_at_once))
-        return cfg.model_copy(update={"openai": cfg.openai.model_copy(update={"max_in_flight": share})})
+        return per_task(cfg, tasks_at_once)
+
+    def _failure(self, result: dict | None, text: str | None):
+        """A ParseError for a request without a usable result, or None."""
+        from datagen.parsing import ParseError
+
+        if result is None:
+            return ParseError("no result: the backend returned nothing for this request", "no_result")
+        if text is None:
+            return ParseError(f"request failed: {result.get('error') or 'unknown error'}", "request_failed")
+        return None
+
+    def _truncated(self, result: dict):
+        from datagen.parsing import ParseError
+
+        if result.get("finish_reason") == "length" and not self.config.keep_truncated:
+            return ParseError(f"the output hit max_tokens={self.config.max_tokens} before it ended: the answer "
+                              "may be cut off (keep_truncated: true keeps such rows)", "truncated")
+        return None
 
     def _tables(self, ctx, planned: list[PlannedRequest], results: dict[str, dict]):
         import polars as pl
@@ -344,23 +299,22 @@ class GenerateStep(Step):
         for p in planned:
             result = results.get(p.request.id)
             common = {"gen_prompt": p.prompt.name, "gen_prompt_hash": p.prompt.hash, "gen_index": p.draw.index,
-                      "gen_subindex": p.draw.subindex, "gen_seed": p.request.seed, "request_id": p.request.id}
+                      "gen_subindex": p.draw.subindex, "gen_seed": p.request.seed, "request_id": p.request.id,
+                      "sample": p.sample}
             text = None if result is None else result.get("text")
             try:
-                if result is None:
-                    raise ParseError("no result: the backend returned nothing for this request", "no_result")
-                if text is None:
-                    raise ParseError(f"request failed: {result.get('error') or 'unknown error'}", "request_failed")
-                truncated = result.get("finish_reason") == "length"
+                failure = self._failure(result, text)
+                if failure:
+                    raise failure
                 try:
                     messages = parse(p.prompt.parser, text)
                 except ParseError as e:
-                    if truncated:
+                    if result.get("finish_reason") == "length":
                         e.reason += f" (the output hit max_tokens={cfg.max_tokens})"
                     raise
-                if truncated and not cfg.keep_truncated:
-                    raise ParseError(f"the output hit max_tokens={cfg.max_tokens} before it ended: the answer "
-                                     "may be cut off (keep_truncated: true keeps such rows)", "truncated")
+                failure = self._truncated(result)
+                if failure:
+                    raise failure
             except ParseError as e:
                 rejected.append({**common, "reason": e.reason, "reason_kind": e.kind,
                                  "raw": (text or "")[:MAX_RAW_CHARS],
@@ -372,60 +326,71 @@ class GenerateStep(Step):
                          "gen_finish_reason": result.get("finish_reason")})
         return pl.DataFrame(rows, schema=output_schema()), pl.DataFrame(rejected, schema=rejected_schema())
 
-    def _report(self, ctx, total: int, todo: int, resent_failed: int, stats: BackendStats, seconds: float,
-                tally: "_Tally", torn_lines: int) -> None:
+    def _response_tables(self, ctx, batch, planned: list[RowRequest], results: dict[str, dict]):
+        """Input mode: the rows (prompt + reply, the input row's other columns carried over) and the
+        rejected rows of these requests, in order."""
+        import polars as pl
+
+        from datagen.parsing import ParseError
+        from datamill.records import CANONICAL_COLUMNS, MAX_RAW_CHARS, row_id
+
+        cfg = self.config
+        rows, positions, rejected = [], [], []
+        for p in planned:
+            result = None if p.request is None else results.get(p.request.id)
+            text = None if result is None else result.get("text")
+            common = {"request_id": None if p.request is None else p.request.id, "parent_id": p.parent_id,
+                      "sample": p.sample, "gen_seed": None if p.request is None else p.request.seed}
+            try:
+                if p.request is None:
+                    raise ParseError(p.problem, "empty_prompt" if p.parent_id is not None else "no_id")
+                failure = self._failure(result, text)
+                if failure:
+                    raise failure
+                reply = text.strip()
+                if not reply:
+                    raise ParseError("empty output", "empty")
+                failure = self._truncated(result)
+                if failure:
+                    raise failure
+            except ParseError as e:
+                rejected.append({**common, "reason": e.reason, "reason_kind": e.kind, "raw": (text or "")[:MAX_RAW_CHARS],
+                                 "finish_reason": None if result is None else result.get("finish_reason")})
+                continue
+            messages = p.prompt + [{"role": "assistant", "content": reply}]
+            rows.append({**common, "id": row_id(messages), "messages": messages, "source": ctx.name,
+                         "gen_prompt": None, "gen_model": cfg.model, "gen_finish_reason": result.get("finish_reason")})
+            positions.append(p.row)
+        own = response_schema()
+        made = pl.DataFrame(rows, schema=own)
+        carried = [c for c in batch.columns if c not in own]
+        out = pl.concat([made.select(list(CANONICAL_COLUMNS)), batch.select(carried)[positions],
+                         made.select(list(RESPONSE_COLUMNS))], how="horizontal")
+        return out, pl.DataFrame(rejected, schema=response_rejected_schema())
+
+    def _report(self, ctx, total: int, cache: RequestCache, tally: "_Tally") -> None:
         import polars as pl
 
         failed = tally.failed
-        gen_seconds = stats.seconds or seconds
-        numbers = {
-            "requests_total": total,
-            "requests_cached": total - todo,
-            "sent": stats.sent,
-            "retried": stats.retried,
-            "resent_failed": resent_failed,
-            "failed": failed,
-            "tokens_in": stats.tokens_in,
-            "tokens_out": stats.tokens_out,
-            "generate_seconds": round(gen_seconds, 3),
-            "requests_per_s": round(stats.sent / gen_seconds, 3) if stats.sent and gen_seconds else 0.0,
-            "tokens_out_per_s": round(stats.tokens_out / gen_seconds, 2) if stats.tokens_out and gen_seconds else 0.0,
-            "parsed": tally.rows,
-            "rejected": tally.rejected,
-            "parse_rate": round(tally.rows / max(total - failed, 1), 4),
-            "torn_lines": torn_lines,
-        }
-        ctx.stats.update(numbers)
+        ctx.stats.update(cache.numbers(total, failed))
+        ctx.stats.update({"parsed": tally.rows, "rejected": tally.rejected,
+                          "parse_rate": round(tally.rows / max(total - failed, 1), 4)})
         ctx.stats["rejected_by_reason"] = dict(sorted(tally.by_reason.items()))
-        if stats.extra:
-            ctx.stats["backend"] = stats.extra
+        if cache.stats.extra:
+            ctx.stats["backend"] = cache.stats.extra
         # The stats are logged as metrics by the tracker (`<step>.sent`, `<step>.rejected_by_reason.<kind>`).
         rows, rejected = tally.rows_head, tally.rejected_head
+        described = ("gen_prompt", "category", "gen_index", "gen_subindex", "gen_topic") if self.config.prompts \
+            else ("parent_id",)
         if rows is not None and rows.height:
             ctx.log_sample(rows.select(
                 pl.col("messages").list.first().struct.field("content").alias("user"),
                 pl.col("messages").list.last().struct.field("content").alias("assistant"),
-                "gen_prompt", "category", "gen_index", "gen_subindex", "gen_topic", "gen_finish_reason", "request_id",
+                *described, "sample", "gen_finish_reason", "request_id",
             ), rows=SAMPLE_ROWS)
         if rejected is not None and rejected.height:
-            ctx.log_sample(rejected.select("reason_kind", "reason", "raw", "gen_prompt", "request_id"),
+            ctx.log_sample(rejected.select("reason_kind", "reason", "raw", described[0], "request_id"),
                            name="rejected_sample", rows=REJECTED_SAMPLE_ROWS)
-
-
-class _BuiltOnce:
-    """A backend factory that builds once per process: the windows of a run share one backend here
-    (one model load); a Ray task gets it pickled without what it built, and builds its own."""
-
-    def __init__(self, make):
-        self.make, self.built = make, None
-
-    def __call__(self):
-        if self.built is None:
-            self.built = self.make()
-        return self.built
-
-    def __getstate__(self):
-        return {"make": self.make, "built": None}
 
 
 @dataclass
@@ -464,13 +429,28 @@ def output_schema() -> dict:
 
     return {**INSTRUCTION_SCHEMA, "category": pl.String, "gen_prompt_hash": pl.String, "gen_index": pl.Int64,
             "gen_subindex": pl.Int64, "gen_topic": pl.String, "gen_sampling": pl.String,
-            "gen_finish_reason": pl.String, "request_id": pl.String}
+            "gen_finish_reason": pl.String, "request_id": pl.String, "sample": pl.Int64}
 
 
 def rejected_schema() -> dict:
     import polars as pl
 
     return {"request_id": pl.String, "gen_prompt": pl.String, "gen_prompt_hash": pl.String, "gen_index": pl.Int64,
-            "gen_subindex": pl.Int64, "gen_seed": pl.Int64, "reason": pl.String, "reason_kind": pl.String,
-            "raw": pl.String, "finish_reason": pl.String}
+            "gen_subindex": pl.Int64, "gen_seed": pl.Int64, "sample": pl.Int64, "reason": pl.String,
+            "reason_kind": pl.String, "raw": pl.String, "finish_reason": pl.String}
 
+
+def response_schema() -> dict:
+    """The columns an input-mode row gets from the step (the input's other columns follow the canonical ones)."""
+    import polars as pl
+
+    from datamill.records import INSTRUCTION_SCHEMA
+
+    return {**INSTRUCTION_SCHEMA, "sample": pl.Int64, "request_id": pl.String, "gen_finish_reason": pl.String}
+
+
+def response_rejected_schema() -> dict:
+    import polars as pl
+
+    return {"request_id": pl.String, "parent_id": pl.String, "sample": pl.Int64, "gen_seed": pl.Int64,
+            "reason": pl.String, "reason_kind": pl.String, "raw": pl.String, "finish_reason": pl.String}

@@ -205,28 +205,35 @@ def load(entry: str, base_dir: Path) -> GeneratorPrompt:
     return load_file(resolve(entry, base_dir))
 
 
-def load_file(path: Path) -> GeneratorPrompt:
+def read_yaml_model(path: Path, model, what: str, holds: str, error: type[Exception]):
+    """A YAML file validated by a pydantic `model`; any problem is `error` with a message naming
+    `what` ("prompt file"), the file and each bad key (with a "did you mean" for unknown ones).
+    `holds` says what the mapping must hold. Shared by generator prompts and judge templates."""
     import yaml
 
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise PromptError(f"prompt file {path} is not valid YAML: {e}") from None
+        raise error(f"{what} {path} is not valid YAML: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise PromptError(f"cannot read prompt file {path}: {e}") from None
+        raise error(f"cannot read {what} {path}: {e}") from None
     if not isinstance(data, dict):
-        raise PromptError(f"prompt file {path} must be a mapping with family, template and parser")
+        raise error(f"{what} {path} must be a mapping with {holds}")
     try:
-        spec = PromptFile.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         problems = []
         for err in e.errors():
             where = ".".join(str(x) for x in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = f"unknown key{did_you_mean(where, PromptFile.model_fields)}"
+                msg = f"unknown key{did_you_mean(where, model.model_fields)}"
             problems.append(f"{where}: {msg}" if where else msg)
-        raise PromptError(f"prompt file {path}: " + "; ".join(problems)) from None
+        raise error(f"{what} {path}: " + "; ".join(problems)) from None
+
+
+def load_file(path: Path) -> GeneratorPrompt:
+    spec = read_yaml_model(path, PromptFile, "prompt file", "family, template and parser", PromptError)
     name = spec.name or Path(path).stem
     prompt = GeneratorPrompt(spec=spec, name=name, category=spec.category or name,
                              hash=hash_obj(spec.model_dump(mode="json")), path=Path(path))

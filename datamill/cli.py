@@ -343,10 +343,11 @@ def lineage(spec: Path = SpecArg, row_id: str = typer.Argument(..., help="A row'
     shown: dict[str, dict] = {}  # point ("" = shared steps) -> what its earlier tables said about the row
     for hit in hits:
         where = f"\\[{escape(hit['point'])}] " if hit["point"] else ""
-        how = "" if hit["match"] == "id" else "  (its nearest training row)"
+        how = ("" if hit["match"] == "id" else f"  (points at it: {hit['match']})") if "via" not in hit else \
+            f"  (the row its {hit['via']} names)"
         console.print(f"[bold]{where}{escape(hit['table'])}[/bold] ({hit['kind']}){how}")
         fields = {c: v for c, v in hit["row"].items() if c != "id" and v is not None}
-        if hit["match"] == "id":
+        if hit["match"] == "id" and "via" not in hit:
             seen = {**shown.get("", {}), **shown.get(hit["point"], {})}
             fields = {c: v for c, v in fields.items() if c not in seen or seen[c] != v}
             shown.setdefault(hit["point"], {}).update(fields)

@@ -1,4 +1,4 @@
-"""Shared fixtures: offline settings, a `counter` step kind that records each execution."""
+"""Shared fixtures: offline settings, the model cache, quiet progress, the fake generation backend."""
 
 from __future__ import annotations
 
@@ -51,3 +51,23 @@ def _quiet_progress():
 
 
 import plugin_steps  # noqa: E402,F401  (registers the test step kinds)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """Every `transformers` generate step in the test talks to tests/fake_backend.py's FakeBackend."""
+    from datagen import backends
+    from fake_backend import FakeBackend
+
+    monkeypatch.setitem(backends.BACKENDS, "transformers", "fake_backend:FakeBackend")
+    FakeBackend.reset()
+    yield FakeBackend
+    FakeBackend.reset()
+
+
+@pytest.fixture
+def spec_dir(tmp_path):
+    """A folder with a stand-in model folder `model/` (the fake backend never loads it)."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
+    return tmp_path

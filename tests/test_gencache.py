@@ -174,16 +174,6 @@ def test_sigkill_of_a_writer_loses_at_most_the_line_being_written(tmp_path):
 # --- the generate step on top of it -----------------------------------------------------
 
 @pytest.fixture
-def fake(monkeypatch):
-    from datagen import backends
-
-    monkeypatch.setitem(backends.BACKENDS, "transformers", "fake_backend:FakeBackend")
-    FakeBackend.reset()
-    yield FakeBackend
-    FakeBackend.reset()
-
-
-@pytest.fixture
 def small_windows(monkeypatch):
     """Windows and read batches of a few requests, so that a small test crosses their edges."""
     monkeypatch.setattr(generate_step, "WINDOW", 700)

@@ -40,25 +40,6 @@ steps:
 {extra}"""
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    """Every `transformers` generate step in this test talks to FakeBackend."""
-    from datagen import backends
-
-    monkeypatch.setitem(backends.BACKENDS, "transformers", "fake_backend:FakeBackend")
-    FakeBackend.reset()
-    yield FakeBackend
-    FakeBackend.reset()
-
-
-@pytest.fixture
-def spec_dir(tmp_path):
-    """A folder with a stand-in model folder (the fake backend never loads it)."""
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
-    return tmp_path
-
-
 def write(spec_dir: Path, n: int, extra: str = "") -> Path:
     path = spec_dir / "spec.yaml"
     path.write_text(SPEC.format(n=n, extra=extra))
