@@ -264,3 +264,15 @@ def test_preference_settings_are_checked():
         TrainConfig(model="m", data="d", beta=0.2)
     assert TrainConfig(model="m", data="d", objective="dpo").preference_beta() == 0.1
     assert TrainConfig(model="m", data="d", objective="simpo").preference_beta() == 2.0
+
+
+def test_unusable_pairs_are_rejected_with_a_reason():
+    """The train step keeps a pair it cannot learn from out, with the reason in `<step>__rejected`."""
+    from train.step import _unusable_pair
+
+    prompt = [{"role": "user", "content": "2 + 2?"}]
+    same = [{"role": "assistant", "content": "4"}]
+    assert "identical" in _unusable_pair(prompt, same, [dict(same[0])])
+    assert "empty" in _unusable_pair(prompt, same, [])
+    assert "no assistant turn" in _unusable_pair(prompt, same, [{"role": "user", "content": "5"}])
+    assert _unusable_pair(prompt, same, [{"role": "assistant", "content": "5"}]) is None

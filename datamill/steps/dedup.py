@@ -96,6 +96,7 @@ class DedupStep(Step):
         import numpy as np
         import polars as pl
 
+        from datamill import progress
         from datamill.records import text_column
 
         cfg, near = self.config, self.config.minhash
@@ -119,9 +120,11 @@ class DedupStep(Step):
             if near is not None:
                 rows = np.flatnonzero(target < 0)  # exact copies are not compared (nor kept)
                 buckets = []  # as many bands in memory at once as there are workers
-                for first in range(0, bands[0], ctx.shards.workers):
-                    wave = range(first, min(first + ctx.shards.workers, bands[0]))
-                    buckets += ctx.shards.map(band_buckets, [(rows, spill.band_keys(band)) for band in wave])
+                with progress.bar(f"{ctx.name}: band buckets", total=bands[0], unit="bands") as bar:
+                    for first in range(0, bands[0], ctx.shards.workers):
+                        wave = range(first, min(first + ctx.shards.workers, bands[0]))
+                        buckets += ctx.shards.map(band_buckets, [(rows, spill.band_keys(band)) for band in wave])
+                        bar.advance(len(wave))
                 candidates = find_near(spill.signatures, buckets, near.threshold, target, method, similarity,
                                        f"{ctx.name}: minhash dedup")
                 del buckets
