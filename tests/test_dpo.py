@@ -276,3 +276,39 @@ def test_unusable_pairs_are_rejected_with_a_reason():
     assert "empty" in _unusable_pair(prompt, same, [])
     assert "no assistant turn" in _unusable_pair(prompt, same, [{"role": "user", "content": "5"}])
     assert _unusable_pair(prompt, same, [{"role": "assistant", "content": "5"}]) is None
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes_equals_one_with_the_same_global_batch(tiny, tokenizer, tmp_path):
+    """torchrun with 2 CPU processes x 2 micro-batches per step gives the weights of 1 process x 4:
+    the reference log-probs are computed in shares and read back by both, the loss is the mean
+    over the whole step's pairs."""
+    import os
+    import subprocess
+    import sys
+
+    from train.loop import TrainJob
+
+    examples = _pairs_parquet(tokenizer, tmp_path / "pairs.parquet", n=16, held_out=0)
+    settings = {"model": str(tiny), "data": "x", "objective": "dpo", "max_len": 64, "batch_size": 1, "lr": 0.01,
+                "max_steps": 3, "packing": "off", "checkpoint_every": None, "lora": {"r": 4, "dropout": 0.0}}
+    jobs = {}
+    for name, accum in (("ddp", 2), ("one", 4)):
+        job = TrainJob(config={**settings, "grad_accum": accum}, model_dir=str(tiny), examples=str(examples),
+                       out_dir=str(tmp_path / name / "out"), state_dir=str(tmp_path / name / "state"))
+        job.save(tmp_path / f"{name}.json")
+        jobs[name] = tmp_path / f"{name}.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parent.parent
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "train.loop", str(jobs["ddp"])], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = subprocess.run([sys.executable, "-m", "train.loop", str(jobs["one"])], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "out" / "summary.json").read_text())["processes"] == 2
+    a, b = _weights(tmp_path / "ddp" / "out"), _weights(tmp_path / "one" / "out")
+    base = _weights_of(tiny)
+    assert max(float((a[k] - base[k]).abs().max()) for k in a if k in base) > 1e-4  # it trained
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
