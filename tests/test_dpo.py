@@ -11,10 +11,13 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny():
+    import os
+
     from datamill.models import resolve_model
 
-    return resolve_model("builtin:tiny-llama", base_dir=Path("."), cache_dir=tmp_path_factory.mktemp("models"))
+    # the session's model cache (tests/conftest.py): built once for every module that uses it
+    return resolve_model("builtin:tiny-llama", base_dir=Path("."), cache_dir=Path(os.environ["DATAMILL_MODEL_CACHE"]))
 
 
 @pytest.fixture(scope="module")
