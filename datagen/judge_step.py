@@ -336,8 +336,6 @@ class JudgeStep(Step):
             return None
         overall = rows[0]
         if not overall["beats_chance"]:
-            from datamill.progress import warn
-
             measure = "accuracy" if self.config.mode == "pointwise" else "share preferring the correct response"
             one_class = " (the rows are all of one class: no judge can beat that baseline here)" \
                 if overall["chance"] >= 1 else ""
@@ -345,8 +343,7 @@ class JudgeStep(Step):
                        f"{measure} on {overall['n']} rows with known answers is {overall['accuracy']:.3f} (95% CI "
                        f"{overall['ci_low']:.3f}-{overall['ci_high']:.3f}), the majority-class baseline "
                        f"{overall['chance']:.3f}{one_class}; its verdicts carry no evidence on these rows")
-            warn(f"warning: {message}")
-            ctx.stats["warning"] = message
+            ctx.stats["warning"] = message  # printed under the step's summary line, and logged
         return {k: v for k, v in overall.items() if k != "scope"}
 
     def _report(self, ctx, rows_in: int, total: int, cache: RequestCache, tally: _Tally, calibration) -> None:
