@@ -42,6 +42,9 @@ class TrainStep(Step):
         config = super().key_config()
         if config.get("launch"):
             config["launch"].pop("timeout_s", None)
+        if config["objective"] == "sft":  # SFT keys stay what they were before preference objectives came
+            for field in ("objective", "beta", "gamma", "reference"):
+                config.pop(field)
         return config
 
     def input_tables(self):
