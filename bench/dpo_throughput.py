@@ -66,7 +66,6 @@ ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
 import train_throughput as tt  # noqa: E402  (bench/train_throughput.py: timing, load, machine helpers)
-from machine import model_cache  # noqa: E402  (bench/machine.py)
 
 MODEL = "builtin:smollm2-135m-instruct"
 LORA, SEED = tt.LORA, tt.SEED
@@ -326,15 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, help="preference pairs in the epoch (default 48; --quick: 24)")
     parser.add_argument("--pairs-per-step", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="24 pairs, datamill and TRL only; prints only")
-    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing (>= 1)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker")
-    parser.add_argument("--cache-dir", default=str(model_cache()), help="where builtin models are built")
-    parser.add_argument("--max-wait", type=float, default=45,
-                        help="before each run, wait up to this many seconds for other work to stop (0: don't)")
-    parser.add_argument("--max-other-load", type=float, default=0.3,
-                        help="rerun a run during which other processes used more cores than this")
-    parser.add_argument("--retries", type=int, default=1, help="reruns of a disturbed run (the least disturbed counts)")
-    parser.add_argument("--out", help="write OUT.json and OUT.md (default: bench/dpo_throughput, not with --quick)")
+    tt.add_run_options(parser, "bench/dpo_throughput", max_wait=45)
     args = parser.parse_args(argv)
     if args.worker:
         worker_main(args.worker)

@@ -444,6 +444,20 @@ def machine_info(threads: int) -> dict:
     return info
 
 
+def add_run_options(parser, out_default: str, max_wait: float) -> None:
+    """The options every training-throughput benchmark takes: warmup, threads, model cache, the
+    waits and reruns for a shared machine, where the results go."""
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing (>= 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker")
+    parser.add_argument("--cache-dir", default=str(model_cache()), help="where builtin models are built")
+    parser.add_argument("--max-wait", type=float, default=max_wait,
+                        help="before each run, wait up to this many seconds for other work to stop (0: don't)")
+    parser.add_argument("--max-other-load", type=float, default=0.3,
+                        help="rerun a run during which other processes used more cores than this")
+    parser.add_argument("--retries", type=int, default=1, help="reruns of a disturbed run (the least disturbed counts)")
+    parser.add_argument("--out", help=f"write OUT.json and OUT.md (default: {out_default}, not with --quick)")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -452,17 +466,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trainers", default=",".join(TRAINERS), help=f"comma-separated, of: {', '.join(TRAINERS)}")
     parser.add_argument("--quick", action="store_true", help="shorter rows, fewer steps; prints only (unless --out)")
     parser.add_argument("--steps", type=int, help="optimizer steps of datamill's epoch (default: per model)")
-    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing (>= 1)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker")
-    parser.add_argument("--cache-dir", default=str(model_cache()), help="where builtin models are built")
     parser.add_argument("--peak-flops", type=float, default=989e12,
                         help="GPU peak FLOP/s for MFU (default: H100 SXM dense bf16); unused on CPU")
-    parser.add_argument("--max-wait", type=float, default=60,
-                        help="before each run, wait up to this many seconds for other work to stop (0: don't)")
-    parser.add_argument("--max-other-load", type=float, default=0.3,
-                        help="rerun a run during which other processes used more cores than this")
-    parser.add_argument("--retries", type=int, default=1, help="reruns of a disturbed run (the least disturbed counts)")
-    parser.add_argument("--out", help="write OUT.json and OUT.md (default: bench/train_throughput, not with --quick)")
+    add_run_options(parser, "bench/train_throughput", max_wait=60)
     args = parser.parse_args(argv)
     if args.worker:
         worker_main(args.worker)
