@@ -190,12 +190,10 @@ def build_data(folder: Path, n_pairs: int, pairs_per_step: int, work: Path) -> d
 
 
 def run_datamill(job: dict) -> dict:
-    import pyarrow.parquet as pq
     import torch
 
     from datamill import progress
     from train import preference
-    from train.loop import TrainJob, train
 
     torch.set_num_threads(job["threads"])
     progress.set_quiet(True)
@@ -217,29 +215,12 @@ def run_datamill(job: dict) -> dict:
             reference["seconds"] = time.perf_counter() - started
 
     preference.reference_logps = timed_reference  # train.loop imports it from the module at call time
-    clocks: list[dict] = []
-    logged: list[dict] = []
-
-    def log(metrics: dict, step: int) -> None:  # the end of every step (log_every=1)
-        clocks.append(tt._clock())
-        logged.append(metrics)
-
-    summary = train(TrainJob(config=config, model_dir=job["model_dir"], examples=job["examples"],
-                             out_dir=str(work / "out"), state_dir=str(work / "state")), log=log)
-    assert len(clocks) == summary["steps"], (len(clocks), summary["steps"])
-    table = pq.read_table(job["examples"], columns=["input_ids", "labels"]).to_pydict()
-    epoch = {"loss_tokens": sum(sum(1 for x in lab[1:] if x != -100) for lab in table["labels"]),
-             "tokens": sum(len(ids) for ids in table["input_ids"]), "examples": len(table["input_ids"])}
-    steps = [clock | {"loss": m["loss"], "logged_loss_tokens_per_s": m.get("loss_tokens_per_s"),
-                      "fill": m["useful_token_share"] * m["tokens_per_s"] / max(m["loss_tokens_per_s"], 1e-9)}
-             for clock, m in zip(clocks, logged)]
-    epoch["slots"] = round(epoch["tokens"] / statistics.mean(s["fill"] for s in steps))
-    return {"steps": steps, "epoch": epoch, "packing": summary["packing"],
-            "loss_positions_only": summary["loss_positions_only"], "reference_seconds": round(reference["seconds"], 2),
-            "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
-            "optimizer": "torch.optim.AdamW (torch default implementation)", "peak_rss_mb": summary.get("peak_rss_mb"),
-            "mean_train_loss": round(statistics.mean(m["loss"] for m in logged), 4),
-            "losses": [round(m["loss"], 4) for m in logged]}
+    out = tt.timed_datamill_epoch(job, config, work)
+    logged = out.pop("logged")
+    del out["summary"]
+    return out | {"reference_seconds": round(reference["seconds"], 2),
+                  "mean_train_loss": round(statistics.mean(m["loss"] for m in logged), 4),
+                  "losses": [round(m["loss"], 4) for m in logged]}
 
 
 def run_trl(job: dict) -> dict:

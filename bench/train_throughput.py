@@ -195,11 +195,9 @@ def wait_quiet(max_wait: float, threshold: float = 0.25, quiet_for: int = 3) -> 
 
 
 def run_datamill(job: dict) -> dict:
-    import pyarrow.parquet as pq
     import torch
 
     from datamill import progress
-    from train.loop import TrainJob, train
 
     torch.set_num_threads(job["threads"])
     cuda = torch.cuda.is_available()
@@ -210,6 +208,19 @@ def run_datamill(job: dict) -> dict:
               "max_len": job["max_len"], "epochs": 1.0, "lr": job["lr"], "schedule": "cosine",
               "warmup": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": SEED, "log_every": 1,
               "precision": "bf16" if cuda else "fp32", "device": "cuda" if cuda else "cpu"}
+    out = timed_datamill_epoch(job, config, work)
+    summary, logged = out.pop("summary"), out.pop("logged")
+    return out | {"logged_loss_tokens_per_s": summary.get("loss_tokens_per_s"),
+                  "mean_train_loss": round(statistics.mean(m["loss"] for m in logged), 4)}
+
+
+def timed_datamill_epoch(job: dict, config: dict, work: Path) -> dict:
+    """datamill's loop on `job`'s examples with `config`, the clock read at the end of every step:
+    the per-step clocks, the epoch's totals, and what the summary says (for the report)."""
+    import pyarrow.parquet as pq
+
+    from train.loop import TrainJob, train
+
     clocks: list[dict] = []
     logged: list[dict] = []
 
@@ -234,8 +245,7 @@ def run_datamill(job: dict) -> dict:
             "loss_positions_only": summary["loss_positions_only"],
             "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
             "optimizer": "torch.optim.AdamW (torch default implementation)", "peak_rss_mb": summary.get("peak_rss_mb"),
-            "logged_loss_tokens_per_s": summary.get("loss_tokens_per_s"),
-            "mean_train_loss": round(statistics.mean(m["loss"] for m in logged), 4)}
+            "summary": summary, "logged": logged}
 
 
 def _training_args(job: dict, cuda: bool) -> dict:
