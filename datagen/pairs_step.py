@@ -423,15 +423,17 @@ def _groups(responses: list[Response]) -> dict:
 
 def _split(messages, step: str, table: str, index: int) -> tuple[list[dict], str]:
     """A response row's conversation -> (prompt turns, reply text)."""
-    if not messages or messages[-1].get("role") != "assistant":
+    from datagen.requests import split_last_turn
+
+    prompt, reply = split_last_turn(messages if messages else None)
+    if reply is None:
         raise DatamillError(f"pairs step '{step}': row {index + 1} of '{table}' does not end with an assistant "
                             "turn: pairs reads sampled responses (prompt turns + one assistant reply), as "
                             "`generate` with `input:` writes them")
-    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
     if not any(m["role"] == "user" for m in prompt):
         raise DatamillError(f"pairs step '{step}': row {index + 1} of '{table}' has no user turn before its "
                             "reply: a pair needs the prompt the responses answer")
-    return prompt, messages[-1]["content"] or ""
+    return prompt, reply or ""
 
 
 def _verify(text: str, answer, family, cfg: PairsConfig) -> tuple[Optional[bool], Optional[str]]:

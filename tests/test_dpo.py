@@ -201,7 +201,7 @@ def test_lora_reference_is_the_base_with_adapters_off_and_no_second_model(tiny, 
     import transformers
 
     from train.data import collate
-    from train.loop import _load_examples
+    from train.loop import _load_examples, _NoSelect
     from train.preference import REFERENCE_FILE, sequence_logps
 
     loads = []
@@ -216,13 +216,9 @@ def test_lora_reference_is_the_base_with_adapters_off_and_no_second_model(tiny, 
     examples, _, _ = _load_examples(str(examples_file))
     monkeypatch.undo()
     base = load_model(tiny).eval()
-
-    class NoSelect:
-        enabled, positions = False, None
-
     with torch.no_grad():
         expect, _ = sequence_logps(base, collate([[i] for i in range(len(examples))], examples,
-                                                 [e.labels for e in examples], packed=False, pad_id=0), NoSelect())
+                                                 [e.labels for e in examples], packed=False, pad_id=0), _NoSelect())
     assert torch.allclose(reference.float(), expect, atol=1e-4)
 
 

@@ -158,23 +158,34 @@ def micro_batches(rows_or_examples: list[list[int]], lengths: list[int], *, pack
         random.Random(seed).shuffle(rows)
         per = max(1, batch_tokens // max_len) if batch_tokens else batch_size
         return [rows[i:i + per] for i in range(0, len(rows), per)]
+    return _similar_lengths([[row] for row in rows_or_examples], lengths, batch_size, batch_tokens, seed)
+
+
+def _similar_lengths(units: list[list[list[int]]], lengths: list[int], batch_size: int, batch_tokens: int | None,
+                     seed: int) -> list[list[list[int]]]:
+    """Padded micro-batches of units (rows of one example each that must share a batch: one row, or
+    a pair's two sides) of similar lengths: sorted by their longest row inside windows of 64
+    batches, cut by `batch_size` units or by `batch_tokens` padded tokens, then shuffled."""
+    longest = [max(lengths[row[0]] for row in unit) for unit in units]
     if batch_tokens:
-        mean_len = sum(lengths[row[0]] for row in rows_or_examples) / max(len(rows_or_examples), 1)
+        mean_len = sum(n * len(unit) for n, unit in zip(longest, units)) / max(len(units), 1)
         per_batch = max(1, int(batch_tokens // max(mean_len, 1)))
     else:
         per_batch = batch_size
     window = 64 * per_batch
     batches: list[list[list[int]]] = []
-    for start in range(0, len(rows_or_examples), window):
-        chunk = sorted(rows_or_examples[start:start + window], key=lambda row: lengths[row[0]])
+    for start in range(0, len(units), window):
+        chunk = sorted(range(start, min(start + window, len(units))), key=lambda u: longest[u])
         batch: list[list[int]] = []
-        for row in chunk:  # ascending lengths: the row being added is the batch's longest
-            longest = lengths[row[0]]
-            full = (len(batch) >= batch_size) if not batch_tokens else (longest * (len(batch) + 1) > batch_tokens)
+        count = 0  # units in `batch`
+        for u in chunk:  # ascending lengths: the unit being added is the batch's longest
+            rows = len(batch) + len(units[u])
+            full = (count >= batch_size) if not batch_tokens else (longest[u] * rows > batch_tokens)
             if batch and full:
                 batches.append(batch)
-                batch = []
-            batch.append(row)
+                batch, count = [], 0
+            batch += units[u]
+            count += 1
         if batch:
             batches.append(batch)
     random.Random(seed).shuffle(batches)
@@ -191,27 +202,12 @@ def pair_batches(units: list[int], lengths: list[int], *, packed: bool, max_len:
     side per row; pairs of similar lengths are batched together, `batch_size` pairs (or
     `batch_tokens` padded tokens) per micro-batch. Either way a micro-batch's examples, read row
     by row, alternate chosen, rejected (what `preference.split_sides` relies on)."""
-    unit_len = [lengths[2 * p] + lengths[2 * p + 1] for p in units]
     if packed:
+        unit_len = [lengths[2 * p] + lengths[2 * p + 1] for p in units]
         rows = [[i for j in row for i in (2 * units[j], 2 * units[j] + 1)] for row in pack(unit_len, 2 * max_len)]
         return micro_batches(rows, lengths, packed=True, max_len=2 * max_len, batch_size=batch_size,
                              batch_tokens=batch_tokens, seed=seed)
-    longest = {p: max(lengths[2 * p], lengths[2 * p + 1]) for p in units}
-    window = 64 * batch_size
-    batches: list[list[list[int]]] = []
-    for start in range(0, len(units), window):
-        chunk = sorted(units[start:start + window], key=lambda p: longest[p])
-        batch: list[int] = []
-        for p in chunk:  # ascending lengths: the pair being added is the batch's longest
-            full = (len(batch) >= batch_size) if not batch_tokens else (longest[p] * 2 * (len(batch) + 1) > batch_tokens)
-            if batch and full:
-                batches.append([[i] for q in batch for i in (2 * q, 2 * q + 1)])
-                batch = []
-            batch.append(p)
-        if batch:
-            batches.append([[i] for q in batch for i in (2 * q, 2 * q + 1)])
-    random.Random(seed).shuffle(batches)
-    return batches
+    return _similar_lengths([[[2 * p], [2 * p + 1]] for p in units], lengths, batch_size, batch_tokens, seed)
 
 
 def collate(batch: list[list[int]], examples: list[Example], labels: list[list[int]], *, packed: bool,

@@ -97,6 +97,8 @@ def reference_logps(model, micro_batches: list, tensors, state_dir: Path, accele
     processes each computes a share and all read every share back."""
     import torch
 
+    from train.loop import _NoSelect as NoSelect  # a model loaded here has no loss-position hook
+
     path = Path(state_dir) / REFERENCE_FILE
     if path.is_file():
         return torch.load(path, map_location="cpu")
@@ -110,7 +112,7 @@ def reference_logps(model, micro_batches: list, tensors, state_dir: Path, accele
         with torch.no_grad(), _adapters_off(reference, owned):
             for mb in micro_batches[rank::world]:
                 with accelerator.autocast():
-                    sums, _ = sequence_logps(reference, tensors(mb), select if not owned else _NoSelect())
+                    sums, _ = sequence_logps(reference, tensors(mb), select if not owned else NoSelect())
                 order = [i for row in mb for i in row]
                 values[order] = sums.double().cpu()
     finally:
@@ -151,11 +153,6 @@ def _adapters_off(model, owned: bool):
     if not owned and hasattr(model, "disable_adapter"):
         return model.disable_adapter()
     return nullcontext()
-
-
-class _NoSelect:
-    enabled = False
-    positions = None
 
 
 def disable_dropout(model) -> None:
