@@ -147,21 +147,9 @@ def library_names() -> list[str]:
 
 def resolve(entry: str, base_dir: Path) -> Path:
     """The file a `template:` entry names; raises TemplateError (with did-you-mean) if there is none."""
-    entry = str(entry).strip()
-    if not entry:
-        raise TemplateError("empty template name")
-    if entry.endswith((".yaml", ".yml")) or "/" in entry or "\\" in entry:
-        path = Path(entry).expanduser()
-        path = path if path.is_absolute() else Path(base_dir) / path
-        if not path.is_file():
-            raise TemplateError(f"judge template file '{entry}' does not exist (looked at {path.resolve()})")
-        return path.resolve()
-    path = LIBRARY_DIR / f"{entry}.yaml"
-    if not path.is_file():
-        names = library_names()
-        raise TemplateError(f"unknown judge template '{entry}'{did_you_mean(entry, names)} (shipped: "
-                            f"{', '.join(names)}; or give the path of your own .yaml file)")
-    return path
+    from datagen.prompt_library import resolve_entry
+
+    return resolve_entry(entry, base_dir, LIBRARY_DIR, "judge template", "shipped", TemplateError)
 
 
 def load(entry: str, base_dir: Path) -> JudgeTemplate:

@@ -183,20 +183,28 @@ def is_path(entry: str) -> bool:
 
 def resolve(entry: str, base_dir: Path) -> Path:
     """The file a `prompts:` entry names; raises PromptError (with did-you-mean) if there is none."""
+    return resolve_entry(entry, base_dir, LIBRARY_DIR, "prompt", "library", PromptError)
+
+
+def resolve_entry(entry: str, base_dir: Path, library: Path, what: str, shipped: str,
+                  error: type[Exception]) -> Path:
+    """A library name (a YAML file in `library`) or a path relative to the spec's folder -> the
+    file; `error` (with did-you-mean over the library's names) if there is none. Shared by
+    generator prompts and judge templates."""
     entry = str(entry).strip()
     if not entry:
-        raise PromptError("empty prompt name")
+        raise error(f"empty {what} name")
     if is_path(entry):
         path = Path(entry).expanduser()
         path = path if path.is_absolute() else Path(base_dir) / path
         if not path.is_file():
-            raise PromptError(f"prompt file '{entry}' does not exist (looked at {path.resolve()})")
+            raise error(f"{what} file '{entry}' does not exist (looked at {path.resolve()})")
         return path.resolve()
-    path = LIBRARY_DIR / f"{entry}.yaml"
+    path = Path(library) / f"{entry}.yaml"
     if not path.is_file():
-        names = library_names()
-        raise PromptError(f"unknown prompt '{entry}'{did_you_mean(entry, names)} (library: {', '.join(names)}; "
-                          "or give the path of your own .yaml file)")
+        names = sorted(p.stem for p in Path(library).glob("*.yaml"))
+        raise error(f"unknown {what} '{entry}'{did_you_mean(entry, names)} ({shipped}: {', '.join(names)}; "
+                    "or give the path of your own .yaml file)")
     return path
 
 
