@@ -512,11 +512,12 @@ def rejected_frame(rejected: list[dict]):
     return frame.sort("line", maintain_order=True)
 
 
-def records_frame(records: list[dict]):
-    """Canonical records as a DataFrame: canonical columns typed and first, extras inferred after."""
+def records_frame(records: list[dict], schema_name: str = "INSTRUCTION_SCHEMA"):
+    """Canonical records as a DataFrame: canonical columns typed and first, extras inferred after.
+    `schema_name`: "PREFERENCE_SCHEMA" for preference records."""
     import polars as pl
 
-    schema = __getattr__("INSTRUCTION_SCHEMA")
+    schema = __getattr__(schema_name)
     if not records:
         return pl.DataFrame(schema=schema)
     frame = pl.DataFrame(records, schema_overrides=schema, infer_schema_length=None, strict=False)
@@ -525,15 +526,8 @@ def records_frame(records: list[dict]):
 
 
 def preference_frame(records: list[dict]):
-    """Canonical preference records as a DataFrame: canonical columns typed and first, extras after."""
-    import polars as pl
-
-    schema = __getattr__("PREFERENCE_SCHEMA")
-    if not records:
-        return pl.DataFrame(schema=schema)
-    frame = pl.DataFrame(records, schema_overrides=schema, infer_schema_length=None, strict=False)
-    extras = [c for c in frame.columns if c not in schema]
-    return frame.select([*schema, *extras])
+    """Canonical preference records as a DataFrame (see `records_frame`)."""
+    return records_frame(records, "PREFERENCE_SCHEMA")
 
 
 def concat_frames(frames: list):
